@@ -1,0 +1,25 @@
+"""Sequence-mixing operators. Nothing here knows about images.
+
+Each operator has a PyTorch reference for every form (``recurrent`` is the ground truth; ``chunk`` the
+fast exact form used by default) and takes ``backend="auto" | "torch" | "triton"``.
+
+* :func:`linear_attention` - decayed linear attention: retention, Mamba-2/SSD, GLA/LightNet.
+* :func:`selective_scan` - Mamba-1's selective scan with mamba-ssm's signature.
+* :func:`linear_recurrence` - ``h_t = a_t h_{t-1} + x_t`` along one axis of an N-D tensor.
+* :mod:`scan_orders` - flatten a 2-D/3-D grid into sequences and back; ``cross_scan``/``cross_merge``.
+"""
+
+from . import scan_orders
+from .linear_attention import linear_attention
+from .linear_recurrence import linear_recurrence
+from .scan_orders import cross_merge, cross_scan
+from .selective_scan import selective_scan
+
+__all__ = [
+    "cross_merge",
+    "cross_scan",
+    "linear_attention",
+    "linear_recurrence",
+    "scan_orders",
+    "selective_scan",
+]

@@ -1,0 +1,96 @@
+"""Argument checking and backend selection shared by every operator in ``seqvision.kernels``.
+
+Every public operator validates its inputs here so that a wrong call fails with a message that names
+the argument, what was expected and what came, instead of a shape error deep inside an einsum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
+    """Return the backend that will run an operator: ``"torch"`` or ``"triton"``.
+
+    ``"auto"`` picks the PyTorch reference for now; the Triton kernels are not part of this release,
+    so asking for them explicitly is an error rather than a silent fallback.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        raise ValueError(
+            "backend='triton' is not available in this release of seqvision: the Triton kernels have "
+            "not landed yet; use backend='torch' or 'auto' (which runs the exact PyTorch forms)"
+        )
+    return "torch"
+
+
+def check_form(form: str, allowed: Sequence[str]) -> None:
+    if form not in allowed:
+        raise ValueError(f"form must be one of {tuple(allowed)}, got {form!r}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def check_tensor(name: str, x: object, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
+    """Check that ``x`` is a floating-point tensor with one of the allowed numbers of dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_shape(name: str, x: torch.Tensor, expected: Sequence[int], layout: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    dtypes = [t.dtype for t in tensors]
+    if len(set(dtypes)) > 1:
+        got = ", ".join(f"{n}={d}" for n, d in zip(names, dtypes, strict=True))
+        raise TypeError(f"{', '.join(names)} must share one dtype, got {got}")
+
+
+def check_aux_dtype(name: str, x: torch.Tensor, main_dtype: torch.dtype) -> None:
+    """Decays and states may be kept in float32 beside 16-bit inputs; any other mix is an error."""
+    allowed = {main_dtype, torch.float32} if main_dtype in (torch.float16, torch.bfloat16) else {main_dtype}
+    if x.dtype not in allowed:
+        names = " or ".join(sorted(str(d) for d in allowed))
+        raise TypeError(f"{name} must have dtype {names} to match the inputs, got {x.dtype}")
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        got = ", ".join(f"{n}={t.device}" for n, t in zip(names, tensors, strict=True))
+        raise ValueError(f"{', '.join(names)} must be on one device, got {got}")
+
+
+def check_nonpositive(name: str, x: torch.Tensor) -> None:
+    """Log-decays must be <= 0 (a gate in (0, 1]); NaN fails too.
+
+    This reads one boolean back from the device, which is the price of a clear error on GPU tensors.
+    """
+    if not bool((x <= 0).all()):
+        raise ValueError(
+            f"{name} must be <= 0 everywhere (a log of a gate in (0, 1]), got max {x.max().item():.4g}"
+        )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The PyTorch forms run in float64 for float64 inputs and in float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

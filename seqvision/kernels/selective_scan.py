@@ -1,0 +1,196 @@
+r"""Mamba-1's selective scan, with mamba-ssm's ``selective_scan_fn`` signature and semantics.
+
+For every batch b and channel d, a state ``h`` of N numbers evolves over the sequence:
+
+    delta_t = softplus(delta_t + delta_bias)          (bias and softplus optional)
+    h_t     = exp(delta_t A) * h_{t-1} + delta_t B_t u_t
+    y_t     = C_t . h_t + D u_t
+    y_t    *= silu(z_t)                               (optional gating)
+
+Shapes (mamba-ssm's, kept so the two can be swapped):
+
+==============  =====================================================================
+``u``           (B, D, L) input
+``delta``       (B, D, L) step sizes
+``A``           (D, N) real state matrix (diagonal per channel), usually negative
+``B``, ``C``    (D, N) fixed, (B, N, L) input-dependent, or (B, G, N, L) input-dependent with G
+                groups of D / G channels each sharing one B / C
+``D``           (D,) skip, ``z`` (B, D, L) gate, ``delta_bias`` (D,)
+==============  =====================================================================
+
+Returns ``y`` (B, D, L) in the dtype of ``u``, and with ``return_last_state`` also ``h_L``
+(B, D, N) in float32 (float64 for float64 inputs). Complex ``A`` is not supported.
+
+Forms: ``recurrent`` (the loop above, the ground truth) and ``chunk`` (a loop over chunks of
+``chunk_size`` steps; inside a chunk the state recurrence is a log-depth scan,
+:func:`seqvision.kernels.linear_recurrence.scan_chunk`, vectorised over the chunk's steps). The
+chunk form only multiplies gates and adds, never divides by a cumulative gate, so it is exact for
+any decay.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (
+    check_aux_dtype,
+    check_chunk_size,
+    check_form,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    resolve_backend,
+)
+from .linear_recurrence import recurrent_scan, scan_chunk
+
+FORMS = ("chunk", "recurrent")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    form: str = "chunk",
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan (Mamba-1). See the module docstring for the math and shapes.
+
+    Args:
+        u, delta: (B, D, L). A: (D, N). B, C: (D, N), (B, N, L) or (B, G, N, L).
+        D: (D,) skip weights. z: (B, D, L) gate. delta_bias: (D,).
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the state after the last step (B, D, N).
+        form: ``"chunk"`` (default) or ``"recurrent"``.
+        chunk_size: steps per chunk for the chunk form.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``y`` (B, D, L), or ``(y, last_state)``.
+    """
+    _check_arguments(u, delta, A, B, C, D, z, delta_bias, form, chunk_size)
+    resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias)
+
+    dtype = compute_dtype(u.dtype)
+    batch, dim, L = u.shape
+    groups = _groups(B, C)
+    # Work in (batch, G, D/G, L, N): fixed or shared B/C broadcast instead of being repeated per channel.
+    grouped = (batch, groups, dim // groups, L)
+    u_, delta_ = (x.to(dtype).reshape(grouped) for x in (u, delta))
+    if delta_bias is not None:
+        delta_ = delta_ + delta_bias.to(dtype).reshape(1, groups, dim // groups, 1)
+    if delta_softplus:
+        delta_ = F.softplus(delta_)
+    A_ = A.to(dtype).reshape(groups, dim // groups, 1, -1)
+    B_, C_ = (_as_grouped(x.to(dtype), groups) for x in (B, C))
+
+    if form == "chunk":
+        y, last_state = _chunk_form(u_, delta_, A_, B_, C_, chunk_size)
+    else:
+        h = recurrent_scan(delta_[..., None] * A_, (delta_ * u_)[..., None] * B_)
+        y, last_state = (h * C_).sum(-1), h[..., -1, :]
+    y = y.reshape(batch, dim, L)
+
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u.to(dtype)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    y = y.to(u.dtype)
+    if return_last_state:
+        return y, last_state.reshape(batch, dim, -1)
+    return y
+
+
+def _chunk_form(u, delta, A, B, C, chunk_size):
+    """Loop over chunks of the (batch, G, D/G, L) inputs; every (.., chunk, N) tensor is built per chunk.
+
+    Building the gates and inputs chunk by chunk keeps the working set in cache: the whole
+    (batch, D, L, N) state tensor is never materialised, only each chunk's slice of it.
+    Returns y (batch, G, D/G, L) and the last state (batch, G, D/G, N).
+    """
+    L = u.shape[-1]
+    time_varying_B, time_varying_C = B.shape[-2] > 1, C.shape[-2] > 1
+    h = None
+    ys = []
+    for start in range(0, L, chunk_size):
+        stop = min(start + chunk_size, L)
+        d = delta[..., start:stop, None]  # (batch, G, D/G, c, 1)
+        gates = (d * A).exp()
+        inputs = d * u[..., start:stop, None] * (B[..., start:stop, :] if time_varying_B else B)
+        hs = scan_chunk(gates, inputs, None if h is None else h)
+        ys.append((hs * (C[..., start:stop, :] if time_varying_C else C)).sum(-1))
+        h = hs[..., -1, :]
+    return torch.cat(ys, dim=-1), h
+
+
+def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
+    """Number of channel groups sharing one B/C: G for (B, G, N, L) inputs, 1 otherwise."""
+    gs = {x.shape[1] for x in (B, C) if x.dim() == 4}
+    if len(gs) > 1:
+        raise ValueError(
+            f"B and C must have the same number of groups, got B {tuple(B.shape)} and C {tuple(C.shape)}"
+        )
+    return gs.pop() if gs else 1
+
+
+def _as_grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """B or C as a tensor that broadcasts against (batch, G, D/G, L, N)."""
+    if x.dim() == 2:  # (D, N): fixed over time
+        return x.reshape(1, groups, -1, 1, x.shape[-1])
+    if x.dim() == 3:  # (batch, N, L): shared by every channel
+        return x.transpose(1, 2)[:, None, None]
+    return x.transpose(2, 3)[:, :, None]  # (batch, G, N, L): shared inside each group
+
+
+def _check_arguments(u, delta, A, B, C, D, z, delta_bias, form, chunk_size):
+    check_tensor("u", u, 3)
+    check_tensor("delta", delta, 3)
+    batch, dim, L = u.shape
+    if L == 0 or dim == 0:
+        raise ValueError(f"u must be non-empty, got shape {tuple(u.shape)}")
+    check_shape("delta", delta, u.shape, "(B, D, L) like u")
+    check_same_dtype(("u", "delta"), (u, delta))
+    if isinstance(A, torch.Tensor) and A.is_complex():
+        raise TypeError("A must be real: complex A is not supported by seqvision's selective_scan")
+    check_tensor("A", A, 2)
+    if A.shape[0] != dim:
+        raise ValueError(f"A must have shape (D, N) with D = {dim}, got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        check_tensor(name, x, (2, 3, 4))
+        if x.dim() == 2:
+            check_shape(name, x, (dim, N), "(D, N)")
+        elif x.dim() == 3:
+            check_shape(name, x, (batch, N, L), "(B, N, L)")
+        elif x.shape[0] != batch or x.shape[2:] != (N, L) or x.shape[1] < 1 or dim % x.shape[1]:
+            raise ValueError(
+                f"{name} must have shape (B, G, N, L) = ({batch}, G, {N}, {L}) with G dividing D = {dim}, "
+                f"got {tuple(x.shape)}"
+            )
+    optional = {"D": (D, (dim,), "(D,)"), "z": (z, tuple(u.shape), "(B, D, L)")}
+    optional["delta_bias"] = (delta_bias, (dim,), "(D,)")
+    for name, (x, shape, layout) in optional.items():
+        if x is not None:
+            check_tensor(name, x)
+            check_shape(name, x, shape, layout)
+    if z is not None:
+        check_same_dtype(("u", "z"), (u, z))
+    for name, x in (("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if x is not None:
+            check_aux_dtype(name, x, u.dtype)
+    present = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
+    present = {name: x for name, x in present.items() if x is not None}
+    check_same_device(list(present), list(present.values()))
+    check_form(form, FORMS)
+    check_chunk_size(chunk_size)
