@@ -194,13 +194,14 @@ def _recurrent_causal(q, k, v, gates, state, chunk_size):
     B, H, L, Dk = q.shape
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if state is None else state
     step_gates = None if gates is None else _gate_for_state(gates).exp()
-    outputs = []
+    # Written into one preallocated output, so memory stays one state plus the output.
+    o = q.new_empty(B, H, L, v.shape[-1])
     for t in range(L):
         if step_gates is not None:
             S = S * step_gates[:, :, t]
         S = S + k[:, :, t, :, None] * v[:, :, t, None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
-    return torch.stack(outputs, dim=2), S
+        o[:, :, t] = torch.einsum("bhk,bhkv->bhv", q[:, :, t], S)
+    return o, S
 
 
 def _recurrent_noncausal(q, k, v, gates, chunk_size):
@@ -209,13 +210,13 @@ def _recurrent_noncausal(q, k, v, gates, chunk_size):
     # Backward pass: R_t = a_{t+1} R_{t+1} + k_t^T v_t, the gate a_{t+1} sitting between t and t+1.
     R = q.new_zeros(B, H, Dk, v.shape[-1])
     step_gates = None if gates is None else _gate_for_state(gates).exp()
-    backward = [None] * L
+    backward = torch.empty_like(forward)
     for t in reversed(range(L)):
         if step_gates is not None and t < L - 1:
             R = R * step_gates[:, :, t + 1]
         R = R + k[:, :, t, :, None] * v[:, :, t, None, :]
-        backward[t] = torch.einsum("bhk,bhkv->bhv", q[:, :, t], R)
-    return forward + torch.stack(backward, dim=2) - _diagonal(q, k, v)
+        backward[:, :, t] = torch.einsum("bhk,bhkv->bhv", q[:, :, t], R)
+    return forward + backward - _diagonal(q, k, v)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Forms:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import (
     check_aux_dtype,
@@ -77,103 +76,88 @@ def linear_recurrence(
     check_aux_dtype("log_a", log_a, x.dtype)
     check_same_device(("x", "log_a"), (x, log_a))
     dim = dim % x.dim()
-    if log_a.dim() > x.dim():
+    if log_a.dim() > x.dim() or _broadcast_shape(log_a.shape, x.shape) != x.shape:
         raise ValueError(f"log_a must broadcast to x {tuple(x.shape)}, got shape {tuple(log_a.shape)}")
-    log_a = log_a.reshape((1,) * (x.dim() - log_a.dim()) + tuple(log_a.shape))
-    try:
-        torch.broadcast_shapes(log_a.shape, x.shape)
-    except RuntimeError:
-        raise ValueError(
-            f"log_a must broadcast to x {tuple(x.shape)}, got shape {tuple(log_a.shape)}"
-        ) from None
-    if log_a.shape[dim] not in (1, x.shape[dim]) or log_a.dim() != x.dim():
-        raise ValueError(
-            f"log_a must have size 1 or {x.shape[dim]} along dim {dim}, got shape {tuple(log_a.shape)}"
-        )
     check_nonpositive("log_a", log_a)
     resolve_backend(backend, x, log_a)
 
     dtype = compute_dtype(x.dtype)
-    # Work in (..., L, F) with the scanned axis second to last; broadcast dims of log_a stay size 1.
-    xs = x.to(dtype).unsqueeze(-1).movedim(dim, -2)
-    gs = log_a.to(dtype).unsqueeze(-1).movedim(dim, -2)
+    # Scan along dim 0: each step is then one contiguous slab. log_a keeps its broadcast (size-1) dims.
+    xs = x.to(dtype).movedim(dim, 0)
+    gs = log_a.to(dtype).reshape((1,) * (x.dim() - log_a.dim()) + tuple(log_a.shape)).movedim(dim, 0)
     if reverse:
-        xs, gs = xs.flip(-2), gs.flip(-2)
+        xs, gs = xs.flip(0), gs.flip(0)
     h = chunk_scan(gs, xs, chunk_size) if form == "chunk" else recurrent_scan(gs, xs)
     if reverse:
-        h = h.flip(-2)
-    return h.movedim(-2, dim).squeeze(-1).to(x.dtype)
+        h = h.flip(0)
+    return h.movedim(0, dim).to(x.dtype)
 
 
-def recurrent_scan(log_a: torch.Tensor, x: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
-    """``h_t = exp(log_a_t) h_{t-1} + x_t`` along dim -2, one step at a time.
+def _broadcast_shape(a: torch.Size, b: torch.Size) -> torch.Size | None:
+    try:
+        return torch.broadcast_shapes(a, b)
+    except RuntimeError:
+        return None
 
-    log_a: broadcastable to x (..., L, F), size 1 or L along dim -2; initial: h_{-1} (..., F) or None.
-    Returns h (..., L, F).
+
+def recurrent_scan(log_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``h_t = exp(log_a_t) h_{t-1} + x_t`` along dim 0, one step at a time (h_{-1} = 0).
+
+    log_a: broadcastable to x (L, ...), size 1 or L along dim 0. Returns h (L, ...).
     """
     gates = log_a.exp()
-    h = initial
-    steps = []
-    for t in range(x.shape[-2]):
-        x_t = x[..., t, :]
-        h = x_t if h is None else gates[..., t if gates.shape[-2] > 1 else 0, :] * h + x_t
+    h = x[0]
+    steps = [h]
+    for t in range(1, x.shape[0]):
+        h = gates[t if gates.shape[0] > 1 else 0] * h + x[t]
         steps.append(h)
-    return torch.stack(steps, dim=-2)
+    return torch.stack(steps)
 
 
 def chunk_scan(log_a: torch.Tensor, x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``h_t = exp(log_a_t) h_{t-1} + x_t`` along dim -2, by chunks.
+    """``h_t = exp(log_a_t) h_{t-1} + x_t`` along dim 0, by chunks (h_{-1} = 0).
 
-    log_a: broadcastable to x (..., L, F), size 1 or L along dim -2. Returns h (..., L, F).
+    log_a: broadcastable to x (L, ...), size 1 or L along dim 0. Returns h (L, ...).
     """
-    L = x.shape[-2]
-    per_step = log_a.shape[-2] > 1
+    per_step = log_a.shape[0] > 1
     gates = None if per_step else log_a.exp()
     carry = None
     pieces = []
-    for start in range(0, L, chunk_size):
-        stop = min(start + chunk_size, L)
-        chunk_gates = log_a[..., start:stop, :].exp() if per_step else gates
-        h = scan_chunk(chunk_gates, x[..., start:stop, :], carry)
-        carry = h[..., -1, :]
+    for start in range(0, x.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        h = scan_chunk(log_a[chunk].exp() if per_step else gates, x[chunk], carry)
+        carry = h[-1]
         pieces.append(h)
-    return torch.cat(pieces, dim=-2)
+    return torch.cat(pieces)
 
 
 def scan_chunk(gates: torch.Tensor, x: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
-    """One chunk of ``h_t = gates_t h_{t-1} + x_t`` along dim -2, vectorised over its steps.
+    """One chunk of ``h_t = gates_t h_{t-1} + x_t`` along dim 0, vectorised over its steps.
 
-    gates: broadcastable to x (..., C, F), size 1 or C along dim -2; carry: h before the chunk
-    (..., F) or None for zero. Returns h (..., C, F).
+    gates: broadcastable to x (C, ...), size 1 or C along dim 0; carry: h before the chunk (...) or
+    None for zero. Returns h (C, ...).
+
+    A log-depth scan: neighbouring steps compose in pairs, (a, x) then (a', x') -> (a' a, a' x + x'),
+    the half-length sequence of pairs is scanned the same way (with the same carry, since a pair's
+    gate multiplies what came before it), and the even steps are filled in from the odd ones. The
+    work stays linear in C and only gates are ever multiplied together.
     """
-    h = _prefix_scan(gates, x)
+    C = x.shape[0]
+    per_step = gates.shape[0] > 1
+    if C == 1:
+        return x if carry is None else torch.addcmul(x, gates, carry)
+    if C % 2:
+        x = torch.cat((x, torch.zeros_like(x[:1])))
+        if per_step:
+            gates = torch.cat((gates, torch.ones_like(gates[:1])))
+    a_even, a_odd = (gates[0::2], gates[1::2]) if per_step else (gates, gates)
+    x_even, x_odd = x[0::2], x[1::2]
+    h_odd = scan_chunk(a_odd * a_even, torch.addcmul(x_odd, a_odd, x_even), carry)
+    # h_{2i} = a_{2i} h_{2i-1} + x_{2i}, with the carry in front of the first step.
+    before_even = h_odd[:-1] if carry is None else torch.cat((carry.unsqueeze(0), h_odd[:-1]))
     if carry is None:
-        return h
-    # The carried value reaches step t through the product of the chunk's gates up to t.
-    steps = gates.expand(*gates.shape[:-2], x.shape[-2], gates.shape[-1])
-    return torch.addcmul(h, steps.cumprod(-2), carry.unsqueeze(-2))
-
-
-def _prefix_scan(gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Inclusive scan ``h_t = gates_t h_{t-1} + x_t`` (h_{-1} = 0) along dim -2 in log2(L) levels.
-
-    gates: broadcastable to x (..., L, F), size 1 or L along dim -2. Each level composes neighbouring
-    pairs, (a, x) then (a', x') -> (a' a, a' x + x'), scans the half-length sequence of pairs and fills
-    in the even positions; work stays linear in L.
-    """
-    L = x.shape[-2]
-    if L == 1:
-        return x
-    if L % 2:
-        x = F.pad(x, (0, 0, 0, 1))
-        if gates.shape[-2] > 1:
-            gates = F.pad(gates, (0, 0, 0, 1), value=1.0)
-    if gates.shape[-2] > 1:
-        a_even, a_odd = gates[..., 0::2, :], gates[..., 1::2, :]
+        first, a_rest, x_rest = x_even[:1], (a_even[1:] if per_step else a_even), x_even[1:]
+        h_even = torch.cat((first, torch.addcmul(x_rest, a_rest, before_even)))
     else:
-        a_even = a_odd = gates
-    x_even, x_odd = x[..., 0::2, :], x[..., 1::2, :]
-    h_odd = _prefix_scan(a_odd * a_even, torch.addcmul(x_odd, a_odd, x_even))
-    h_before_even = F.pad(h_odd[..., :-1, :], (0, 0, 1, 0))
-    h_even = torch.addcmul(x_even, a_even, h_before_even)
-    return torch.stack((h_even, h_odd), dim=-2).flatten(-3, -2)[..., :L, :]
+        h_even = torch.addcmul(x_even, a_even, before_even)
+    return torch.stack((h_even, h_odd), dim=1).flatten(0, 1)[:C]

@@ -85,22 +85,23 @@ def selective_scan(
     dtype = compute_dtype(u.dtype)
     batch, dim, L = u.shape
     groups = _groups(B, C)
-    # Work in (batch, G, D/G, L, N): fixed or shared B/C broadcast instead of being repeated per channel.
-    grouped = (batch, groups, dim // groups, L)
-    u_, delta_ = (x.to(dtype).reshape(grouped) for x in (u, delta))
+    # Work time-first in (L, batch, G, D/G, N): each step is one contiguous slab, and fixed or shared
+    # B/C broadcast over channels instead of being repeated per channel.
+    per_group = dim // groups
+    u_, delta_ = (x.to(dtype).permute(2, 0, 1).reshape(L, batch, groups, per_group) for x in (u, delta))
     if delta_bias is not None:
-        delta_ = delta_ + delta_bias.to(dtype).reshape(1, groups, dim // groups, 1)
+        delta_ = delta_ + delta_bias.to(dtype).reshape(groups, per_group)
     if delta_softplus:
         delta_ = F.softplus(delta_)
-    A_ = A.to(dtype).reshape(groups, dim // groups, 1, -1)
-    B_, C_ = (_as_grouped(x.to(dtype), groups) for x in (B, C))
+    A_ = A.to(dtype).reshape(groups, per_group, -1)
+    B_, C_ = (_time_first(x.to(dtype), groups) for x in (B, C))
 
     if form == "chunk":
         y, last_state = _chunk_form(u_, delta_, A_, B_, C_, chunk_size)
     else:
         h = recurrent_scan(delta_[..., None] * A_, (delta_ * u_)[..., None] * B_)
-        y, last_state = (h * C_).sum(-1), h[..., -1, :]
-    y = y.reshape(batch, dim, L)
+        y, last_state = _read_out(h, C_), h[-1]
+    y = y.reshape(L, batch, dim).permute(1, 2, 0)
 
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)
@@ -113,25 +114,29 @@ def selective_scan(
 
 
 def _chunk_form(u, delta, A, B, C, chunk_size):
-    """Loop over chunks of the (batch, G, D/G, L) inputs; every (.., chunk, N) tensor is built per chunk.
+    """Loop over chunks of the (L, batch, G, D/G) inputs, building every (chunk, ..., N) tensor per chunk.
 
-    Building the gates and inputs chunk by chunk keeps the working set in cache: the whole
-    (batch, D, L, N) state tensor is never materialised, only each chunk's slice of it.
-    Returns y (batch, G, D/G, L) and the last state (batch, G, D/G, N).
+    Built chunk by chunk, the gates and inputs stay in cache: the whole (L, batch, D, N) state tensor
+    is never materialised. Returns y (L, batch, G, D/G) and the last state (batch, G, D/G, N).
     """
-    L = u.shape[-1]
-    time_varying_B, time_varying_C = B.shape[-2] > 1, C.shape[-2] > 1
     h = None
     ys = []
-    for start in range(0, L, chunk_size):
-        stop = min(start + chunk_size, L)
-        d = delta[..., start:stop, None]  # (batch, G, D/G, c, 1)
-        gates = (d * A).exp()
-        inputs = d * u[..., start:stop, None] * (B[..., start:stop, :] if time_varying_B else B)
-        hs = scan_chunk(gates, inputs, None if h is None else h)
-        ys.append((hs * (C[..., start:stop, :] if time_varying_C else C)).sum(-1))
-        h = hs[..., -1, :]
-    return torch.cat(ys, dim=-1), h
+    for start in range(0, u.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        step = delta[chunk, ..., None]  # (c, batch, G, D/G, 1)
+        gates = (step * A).exp()
+        inputs = step * u[chunk, ..., None] * (B[chunk] if B.shape[0] > 1 else B)
+        hs = scan_chunk(gates, inputs, h)
+        ys.append(_read_out(hs, C[chunk] if C.shape[0] > 1 else C))
+        h = hs[-1]
+    return torch.cat(ys), h
+
+
+def _read_out(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """y = C . h over the state dim: h (L, batch, G, D/G, N), C broadcastable -> (L, batch, G, D/G)."""
+    if C.shape[-2] == 1:  # one C row shared by the channels of a group: a batched mat-vec
+        return (h @ C.transpose(-1, -2)).squeeze(-1)
+    return (h * C).sum(-1)
 
 
 def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
@@ -144,13 +149,13 @@ def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
     return gs.pop() if gs else 1
 
 
-def _as_grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """B or C as a tensor that broadcasts against (batch, G, D/G, L, N)."""
-    if x.dim() == 2:  # (D, N): fixed over time
-        return x.reshape(1, groups, -1, 1, x.shape[-1])
+def _time_first(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """B or C as a tensor that broadcasts against (L, batch, G, D/G, N)."""
+    if x.dim() == 2:  # (D, N): fixed over time, one row per channel
+        return x.reshape(1, 1, groups, -1, x.shape[-1])
     if x.dim() == 3:  # (batch, N, L): shared by every channel
-        return x.transpose(1, 2)[:, None, None]
-    return x.transpose(2, 3)[:, :, None]  # (batch, G, N, L): shared inside each group
+        return x.permute(2, 0, 1).contiguous()[:, :, None, None, :]
+    return x.permute(3, 0, 1, 2).contiguous()[:, :, :, None, :]  # (batch, G, N, L): shared per group
 
 
 def _check_arguments(u, delta, A, B, C, D, z, delta_bias, form, chunk_size):
