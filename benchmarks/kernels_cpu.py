@@ -16,22 +16,26 @@ Time is the median of ``--repeats`` runs after one warm-up run (a single run whe
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import multiprocessing
 import os
-import re
-import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from _measure import (
+    agg_pyplot,
+    markdown_table,
+    median_time,
+    memory_kib,
+    peak_memory_supported,
+    reset_peak_memory,
+    run_in_fresh_process,
+    save_figure_atomic,
+    timed_call,
+    write_csv_atomic,
+)
 from tqdm import tqdm
 
 FORMS = {"linear_attention": ("recurrent", "parallel", "chunk"), "selective_scan": ("recurrent", "chunk")}
-SLOW_RUN_S = 5.0
 
 
 def make_inputs(op: str, L: int, seed: int = 0):
@@ -49,11 +53,6 @@ def make_inputs(op: str, L: int, seed: int = 0):
     return (u, delta, A, B, C), {"D": torch.ones(D), "z": z, "delta_softplus": True}
 
 
-def _memory_kib() -> tuple[int, int]:
-    status = Path("/proc/self/status").read_text()
-    return tuple(int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in ("VmHWM", "VmRSS"))
-
-
 def measure(op: str, form: str, L: int, repeats: int) -> dict:
     """Run in a child process: peak memory of one call, then the median time of ``repeats`` calls."""
     import seqvision.kernels as K
@@ -62,37 +61,26 @@ def measure(op: str, form: str, L: int, repeats: int) -> dict:
     args, kwargs = make_inputs(op, L)
     kwargs["form"] = form
     with torch.no_grad():
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter to the current RSS
-        _, baseline = _memory_kib()
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        first = time.perf_counter() - start
-        peak, _ = _memory_kib()
+        baseline = reset_peak_memory()  # the inputs exist: only the operator's allocations count
+        out, first = timed_call(fn, *args, **kwargs)
+        peak, _ = memory_kib()
         del out
-        times = [first]
-        if first < SLOW_RUN_S:
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn(*args, **kwargs)
-                times.append(time.perf_counter() - start)
+        time_s = median_time(lambda: fn(*args, **kwargs), repeats, first)
     return {
         "op": op,
         "form": form,
         "L": L,
-        "time_s": statistics.median(times),
+        "time_s": time_s,
         "peak_mib": (peak - baseline) / 1024,
     }
 
 
 def run_all(ops: list[str], lengths: list[int], repeats: int) -> list[dict]:
     cases = [(op, form, L) for op in ops for L in lengths for form in FORMS[op]]
-    results = []
-    context = multiprocessing.get_context("spawn")
-    for op, form, L in tqdm(cases, desc="kernels", unit="case"):
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            results.append(pool.submit(measure, op, form, L, repeats).result())
+    results = [
+        run_in_fresh_process(measure, op, form, L, repeats)
+        for op, form, L in tqdm(cases, desc="kernels", unit="case")
+    ]
     by_key = {(r["op"], r["form"], r["L"]): r for r in results}
     for r in results:
         rec = by_key[(r["op"], "recurrent", r["L"])]
@@ -114,7 +102,7 @@ def format_table(results: list[dict]) -> str:
         "mem vs rec.",
         "mem vs par.",
     )
-    rows = [header]
+    rows = []
     for r in results:
         rows.append(
             (
@@ -130,10 +118,7 @@ def format_table(results: list[dict]) -> str:
                 else f"{r['memory_vs_parallel']:.3f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(header, rows)
 
 
 def targets(results: list[dict]) -> list[str]:
@@ -156,11 +141,7 @@ def targets(results: list[dict]) -> list[str]:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, op in enumerate(FORMS):
         if not any(r["op"] == op for r in results):
@@ -180,18 +161,8 @@ def plot(results: list[dict], path: Path) -> None:
             ax.legend()
     fig.suptitle(f"seqvision kernels on CPU ({torch.get_num_threads()} threads, float32, forward)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def write_csv(results: list[dict], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
     args = parser.parse_args(argv)
-    if not Path("/proc/self/clear_refs").exists():
+    if not peak_memory_supported():
         parser.error("peak memory is read from /proc/self (Linux only)")
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -212,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, float32, no_grad")
     print(format_table(results))
     print("\n".join(targets(results)))
-    write_csv(results, args.out / "kernels_cpu.csv")
+    write_csv_atomic(results, args.out / "kernels_cpu.csv")
     plot(results, args.out / "kernels_cpu.png")
     print(f"wrote {args.out / 'kernels_cpu.csv'} and {args.out / 'kernels_cpu.png'}")
     return 0

@@ -1,0 +1,608 @@
+"""ViR: Vision Retention Networks (Hatamizadeh et al., arXiv 2310.19731).
+
+A ViT whose softmax attention is replaced by retention: a causal linear recurrence over the patch
+sequence with one fixed decay per head,
+
+    S_n = gamma_h S_{n-1} + k_n^T v_n,        o_n = q_n S_n,
+
+    gamma_h = 1 - exp(linspace(ln 1/32, ln 1/512, H))       (0.96875 ... 0.99805 for H = 12).
+
+The class token is appended at the END of the sequence, so through the causal scan it sees every
+patch; the head reads it. The absolute position embedding covers the patches only.
+
+One model runs in three equivalent forms, chosen at run time with ``set_retention_form``:
+``parallel`` (an L x L decay-masked matrix, for training), ``chunk`` (exact chunkwise, default) and
+``recurrent`` (token by token). ``forward_streaming`` is the paper's chunkwise inference: each chunk
+of tokens passes through every layer before the next chunk, and only one retention state per layer
+is kept, so activation memory does not grow with the number of tokens. All four give the same
+logits. ``bidirectional=True`` replaces the causal scan with the symmetric decay mask (a forward and
+a reversed scan summed over the same sequence, the diagonal counted once).
+
+Block (as in timm's ViT): LayerNorm(eps 1e-6) -> retention -> LayerScale(1e-5) -> DropPath;
+LayerNorm -> MLP(ratio 4, GELU) -> LayerScale -> DropPath. Retention has a fused qkv Linear with bias
+and an output Linear with bias, q scaled by head_dim^-0.5; no gate, no group norm, no rotary terms.
+Parameter counts equal the matching timm ViT's minus the class token's position embedding (D) plus
+the LayerScale vectors (2 D per block).
+
+Scripting: ``torch.jit.script`` is not supported (the retention call goes through the Python
+operator with argument checks and backend dispatch; TorchScript is deprecated upstream). timm's fx
+feature extraction works for fixed-size models (``dynamic_img_size=False``): ``Retention`` is
+registered as an fx leaf module and the input checks are skipped while tracing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import (
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from seqvision.kernels import linear_attention
+
+__all__ = ["RETENTION_FORMS", "Retention", "RetentionBlock", "VisionRetentionNet", "retention_log_decay"]
+
+RETENTION_FORMS = ("parallel", "chunk", "recurrent")
+_default_norm = partial(nn.LayerNorm, eps=1e-6)
+GLOBAL_POOLS = ("token_last", "avg", "")
+
+
+def retention_log_decay(num_heads: int) -> torch.Tensor:
+    """log gamma_h for gamma_h = 1 - exp(linspace(ln 1/32, ln 1/512, H)); shape (H,), all < 0."""
+    return torch.log1p(-torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads)))
+
+
+def _check_form(form: str, chunk_size: int | None) -> None:
+    if form not in RETENTION_FORMS:
+        raise ValueError(f"form must be one of {RETENTION_FORMS}, got {form!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+@register_notrace_module
+class Retention(nn.Module):
+    """Multi-head retention with a fixed decay per head.
+
+    x (B, L, C) -> (B, L, C). With ``state`` (B, H, head_dim, head_dim) the scan continues from it
+    and ``forward_with_state`` also returns the state after the last token.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim} and num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.bidirectional = bidirectional
+        self.form = "chunk"
+        self.chunk_size = 64
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # A fixed function of H, so it is not saved in checkpoints.
+        self.register_buffer("log_decay", retention_log_decay(num_heads), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._retain(x, None, False)
+
+    def forward_with_state(
+        self, x: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bidirectional:
+            raise ValueError(
+                "a bidirectional retention has no running state: use forward() on the whole sequence"
+            )
+        return self._retain(x, state, True)
+
+    def _retain(self, x, state, return_state):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = linear_attention(
+            q,
+            k,
+            v,
+            # The decays stay in float32 beside 16-bit activations (float64 for float64 checks).
+            self.log_decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+            causal=not self.bidirectional,
+            form=self.form,
+            chunk_size=self.chunk_size,
+            initial_state=state,
+            output_final_state=return_state,
+        )
+        out, state = out if return_state else (out, None)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, L, C)))
+        return (out, state) if return_state else out
+
+
+class RetentionBlock(nn.Module):
+    """Pre-norm ViT block with retention as the token mixer. x (B, L, C) -> (B, L, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        init_values: float | None = 1e-5,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        norm_layer = norm_layer or _default_norm
+        self.norm1 = norm_layer(dim)
+        self.attn = Retention(
+            dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop, bidirectional=bidirectional
+        )
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return self._mlp(x)
+
+    def forward_with_state(
+        self, x: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of tokens, continuing the retention scan from ``state`` (None at the start)."""
+        mixed, state = self.attn.forward_with_state(self.norm1(x), state)
+        return self._mlp(x + self.drop_path1(self.ls1(mixed))), state
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionRetentionNet(nn.Module):
+    """ViR backbone with timm's model interface.
+
+    Input (B, in_chans, H, W); ``forward`` returns logits (B, num_classes), ``forward_features``
+    the normalised tokens (B, N + 1, embed_dim) with the N patch tokens first (raster order) and the
+    class token last.
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token_last",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = 1e-5,
+        class_token: bool = True,
+        bidirectional: bool = False,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        retention_form: str = "chunk",
+        chunk_size: int = 64,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        act_layer: Callable[..., nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        if global_pool == "token_last" and not class_token and bidirectional:
+            raise ValueError("global_pool='token_last' without a class token needs the causal scan")
+        norm_layer = norm_layer or _default_norm
+        act_layer = act_layer or nn.GELU
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0  # prefix in timm's sense; here it sits at the end
+        self.in_chans = in_chans
+        self.bidirectional = bidirectional
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        # Dynamic sizes pad to a multiple of the patch size unless told otherwise: any image size works.
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            flatten=False,
+            output_fmt="NHWC",
+            strict_img_size=not dynamic_img_size,
+            dynamic_img_pad=dynamic_img_size if dynamic_img_pad is None else dynamic_img_pad,
+        )
+        self.patch_size = self.patch_embed.patch_size
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                RetentionBlock(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    init_values=init_values,
+                    drop_path=drop_path[i],
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    bidirectional=bidirectional,
+                )
+                for i in range(depth)
+            ]
+        )
+        reduction = self.patch_size[0]
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)
+        ]
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.set_retention_form(retention_form, chunk_size)
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------
+    # set-up
+    # ------------------------------------------------------------------------------------------
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_linear)
+
+    def set_retention_form(self, form: str, chunk_size: int | None = None) -> None:
+        """Run every retention layer in ``form`` ('parallel' | 'chunk' | 'recurrent'); same outputs."""
+        _check_form(form, chunk_size)
+        for module in self.modules():
+            if isinstance(module, Retention):
+                module.form = form
+                if chunk_size is not None:
+                    module.chunk_size = chunk_size
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be an image batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"x must have {self.in_chans} channels (in_chans), got {x.shape[1]} in {tuple(x.shape)}"
+            )
+        H, W = x.shape[-2:]
+        if not self.dynamic_img_size and tuple(self.patch_embed.img_size) != (H, W):
+            raise ValueError(
+                f"x must be {tuple(self.patch_embed.img_size)} pixels for this model, got ({H}, {W}); "
+                "create it with img_size=... or dynamic_img_size=True for other sizes"
+            )
+        if not self.patch_embed.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1]):
+            raise ValueError(
+                f"x must have a height and width divisible by the patch size {tuple(self.patch_size)}, "
+                f"got ({H}, {W}); use dynamic_img_size=True to pad"
+            )
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image (B, C, H, W) -> tokens (B, N (+1), D) with the class token last, and the patch grid."""
+        if not isinstance(x, torch.fx.Proxy):  # the checks branch on shapes, which fx cannot trace
+            self._check_input(x)
+        x = self.patch_embed(x)  # (B, h, w, D)
+        if self.dynamic_img_size:
+            grid = (x.shape[1], x.shape[2])
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0
+            )
+        else:
+            grid, pos_embed = self.patch_embed.grid_size, self.pos_embed
+        x = x.flatten(1, 2) + pos_embed
+        if self.cls_token is not None:
+            x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)
+        return self.pos_drop(x), grid
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, L, D) -> (B, D): the last token, or the mean of the patch tokens."""
+        if self.global_pool == "token_last":
+            return x[:, -1]
+        if self.global_pool == "avg":
+            return x[:, : x.shape[1] - self.num_prefix_tokens].mean(dim=1)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def forward_streaming(self, x: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+        """Chunkwise inference: logits (B, num_classes) equal to ``forward(x)``.
+
+        The token sequence is cut into chunks of ``chunk_tokens``; each chunk passes through every
+        block before the next one starts, carrying one retention state (B, H, d, d) per block, so
+        activations are bounded by the chunk, not by the image. Pooling accumulates as it goes.
+        """
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+        if self.bidirectional:
+            raise ValueError("forward_streaming needs the causal scan; this model is bidirectional")
+        if self.global_pool == "":
+            raise ValueError(
+                "forward_streaming pools as it goes; global_pool='' keeps every token, use forward()"
+            )
+        tokens, _ = self._embed(x)
+        num_patches = tokens.shape[1] - self.num_prefix_tokens
+        states: list[torch.Tensor | None] = [None] * len(self.blocks)
+        pooled = None
+        for start in range(0, tokens.shape[1], chunk_tokens):
+            chunk = tokens[:, start : start + chunk_tokens]
+            for i, block in enumerate(self.blocks):
+                chunk, states[i] = block.forward_with_state(chunk, states[i])
+            chunk = self.norm(chunk)
+            if self.global_pool == "token_last":
+                pooled = chunk[:, -1]
+            else:
+                patch_part = chunk[:, : max(0, num_patches - start)].sum(dim=1)
+                pooled = patch_part if pooled is None else pooled + patch_part
+        if self.global_pool == "avg":
+            pooled = pooled / num_patches
+        return self.head(self.head_drop(pooled))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of the blocks in ``indices`` as (B, D, h, w) ('NCHW') or (B, h*w, D) ('NLC').
+
+        With ``return_prefix_tokens`` each entry is ``(patch_tokens, class_token (B, 1, D))``.
+        Returns the list, or ``(final features, list)`` unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (h, w) = self._embed(x)
+        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                patches, prefix = y[:, : h * w], y[:, h * w :]
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last index in ``indices`` (and the head / norm); returns the indices."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: VisionRetentionNet) -> dict:
+    """Adapt a ViR checkpoint to ``model``: unwrap 'model'/'state_dict', resize the position embedding."""
+    for key in ("model", "state_dict", "module"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    out = {}
+    for name, value in state_dict.items():
+        if name == "pos_embed" and value.shape != model.pos_embed.shape:
+            old = math.isqrt(value.shape[1])
+            old_size = (old, old) if old * old == value.shape[1] else None
+            if old_size is None:
+                raise ValueError(
+                    f"pos_embed of the checkpoint has {value.shape[1]} tokens, not a square grid"
+                )
+            value = resample_abs_pos_embed(value, model.patch_embed.grid_size, old_size, num_prefix_tokens=0)
+        out[name] = value
+    return out
+
+
+def _create_vir(variant: str, pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        VisionRetentionNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# No public ImageNet weights exist for ViR; load your own with
+# timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="model.safetensors")) or a
+# Hub id with pretrained_cfg_overlay=dict(hf_hub_id="user/repo").
+default_cfgs = generate_default_cfgs(
+    {
+        "vir_tiny_patch16_224": _cfg(),
+        "vir_small_patch16_224": _cfg(),
+        "vir_base_patch16_224": _cfg(),
+        "vir_large_patch16_224": _cfg(),
+        "vir_large_patch14_224": _cfg(),
+        "vir_tiny_patch16_224_bidir": _cfg(),
+        "vir_small_patch16_224_bidir": _cfg(),
+        "vir_base_patch16_224_bidir": _cfg(),
+    }
+)
+
+
+def _variant(name: str, pretrained: bool, kwargs: dict, **arch) -> VisionRetentionNet:
+    return _create_vir(name, pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vir_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Tiny/16: 192 wide, 12 blocks, 3 heads."""
+    return _variant(
+        "vir_tiny_patch16_224", pretrained, kwargs, patch_size=16, embed_dim=192, depth=12, num_heads=3
+    )
+
+
+@register_model
+def vir_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Small/16: 384 wide, 12 blocks, 6 heads."""
+    return _variant(
+        "vir_small_patch16_224", pretrained, kwargs, patch_size=16, embed_dim=384, depth=12, num_heads=6
+    )
+
+
+@register_model
+def vir_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Base/16: 768 wide, 12 blocks, 12 heads."""
+    return _variant(
+        "vir_base_patch16_224", pretrained, kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12
+    )
+
+
+@register_model
+def vir_large_patch16_224(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Large/16: 1024 wide, 24 blocks, 16 heads."""
+    return _variant(
+        "vir_large_patch16_224", pretrained, kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16
+    )
+
+
+@register_model
+def vir_large_patch14_224(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Large/14: 1024 wide, 24 blocks, 16 heads, 14-pixel patches."""
+    return _variant(
+        "vir_large_patch14_224", pretrained, kwargs, patch_size=14, embed_dim=1024, depth=24, num_heads=16
+    )
+
+
+@register_model
+def vir_tiny_patch16_224_bidir(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Tiny/16 with the bidirectional (symmetric) decay mask."""
+    return _variant(
+        "vir_tiny_patch16_224_bidir", pretrained, kwargs,
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, bidirectional=True,
+    )  # fmt: skip
+
+
+@register_model
+def vir_small_patch16_224_bidir(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Small/16 with the bidirectional (symmetric) decay mask."""
+    return _variant(
+        "vir_small_patch16_224_bidir", pretrained, kwargs,
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, bidirectional=True,
+    )  # fmt: skip
+
+
+@register_model
+def vir_base_patch16_224_bidir(pretrained: bool = False, **kwargs) -> VisionRetentionNet:
+    """ViR-Base/16 with the bidirectional (symmetric) decay mask."""
+    return _variant(
+        "vir_base_patch16_224_bidir", pretrained, kwargs,
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, bidirectional=True,
+    )  # fmt: skip
