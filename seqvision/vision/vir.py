@@ -47,14 +47,15 @@ from timm.layers import (
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from seqvision.kernels import linear_attention
 
+from .base import ScanMixer, TokenBackbone, check_chunk_size, check_image
+
 __all__ = ["RETENTION_FORMS", "Retention", "RetentionBlock", "VisionRetentionNet", "retention_log_decay"]
 
-RETENTION_FORMS = ("parallel", "chunk", "recurrent")
+RETENTION_FORMS = ScanMixer.FORMS
 _default_norm = partial(nn.LayerNorm, eps=1e-6)
 GLOBAL_POOLS = ("token_last", "avg", "")
 
@@ -64,17 +65,8 @@ def retention_log_decay(num_heads: int) -> torch.Tensor:
     return torch.log1p(-torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads)))
 
 
-def _check_form(form: str, chunk_size: int | None) -> None:
-    if form not in RETENTION_FORMS:
-        raise ValueError(f"form must be one of {RETENTION_FORMS}, got {form!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-
-
 @register_notrace_module
-class Retention(nn.Module):
+class Retention(ScanMixer):
     """Multi-head retention with a fixed decay per head.
 
     x (B, L, C) -> (B, L, C). With ``state`` (B, H, head_dim, head_dim) the scan continues from it
@@ -95,8 +87,6 @@ class Retention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.bidirectional = bidirectional
-        self.form = "chunk"
-        self.chunk_size = 64
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -179,13 +169,16 @@ class RetentionBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class VisionRetentionNet(nn.Module):
+class VisionRetentionNet(TokenBackbone):
     """ViR backbone with timm's model interface.
 
     Input (B, in_chans, H, W); ``forward`` returns logits (B, num_classes), ``forward_features``
     the normalised tokens (B, N + 1, embed_dim) with the N patch tokens first (raster order) and the
     class token last.
     """
+
+    global_pools = GLOBAL_POOLS
+    stem_pattern = r"^cls_token|pos_embed|patch_embed"
 
     def __init__(
         self,
@@ -214,8 +207,7 @@ class VisionRetentionNet(nn.Module):
         act_layer: Callable[..., nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        self._check_global_pool(global_pool)
         if global_pool == "token_last" and not class_token and bidirectional:
             raise ValueError("global_pool='token_last' without a class token needs the causal scan")
         norm_layer = norm_layer or _default_norm
@@ -227,7 +219,6 @@ class VisionRetentionNet(nn.Module):
         self.in_chans = in_chans
         self.bidirectional = bidirectional
         self.dynamic_img_size = dynamic_img_size
-        self.grad_checkpointing = False
 
         # Dynamic sizes pad to a multiple of the patch size unless told otherwise: any image size works.
         self.patch_embed = PatchEmbed(
@@ -272,7 +263,7 @@ class VisionRetentionNet(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.set_retention_form(retention_form, chunk_size)
+        self.set_scan_form(retention_form, chunk_size)
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -287,68 +278,21 @@ class VisionRetentionNet(nn.Module):
 
     def set_retention_form(self, form: str, chunk_size: int | None = None) -> None:
         """Run every retention layer in ``form`` ('parallel' | 'chunk' | 'recurrent'); same outputs."""
-        _check_form(form, chunk_size)
-        for module in self.modules():
-            if isinstance(module, Retention):
-                module.form = form
-                if chunk_size is not None:
-                    module.chunk_size = chunk_size
+        self.set_scan_form(form, chunk_size)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(
-            stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"x must be an image batch (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"x must have {self.in_chans} channels (in_chans), got {x.shape[1]} in {tuple(x.shape)}"
-            )
-        H, W = x.shape[-2:]
-        if not self.dynamic_img_size and tuple(self.patch_embed.img_size) != (H, W):
-            raise ValueError(
-                f"x must be {tuple(self.patch_embed.img_size)} pixels for this model, got ({H}, {W}); "
-                "create it with img_size=... or dynamic_img_size=True for other sizes"
-            )
-        if not self.patch_embed.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1]):
-            raise ValueError(
-                f"x must have a height and width divisible by the patch size {tuple(self.patch_size)}, "
-                f"got ({H}, {W}); use dynamic_img_size=True to pad"
-            )
-
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> tokens (B, N (+1), D) with the class token last, and the patch grid."""
         if not isinstance(x, torch.fx.Proxy):  # the checks branch on shapes, which fx cannot trace
-            self._check_input(x)
+            fixed = None if self.dynamic_img_size else self.patch_embed.img_size
+            check_image(x, self.in_chans, 2, self.patch_size, fixed, self.patch_embed.dynamic_img_pad)
         x = self.patch_embed(x)  # (B, h, w, D)
         if self.dynamic_img_size:
             grid = (x.shape[1], x.shape[2])
@@ -362,29 +306,6 @@ class VisionRetentionNet(nn.Module):
             x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)
         return self.pos_drop(x), grid
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, L, D) -> (B, D): the last token, or the mean of the patch tokens."""
-        if self.global_pool == "token_last":
-            return x[:, -1]
-        if self.global_pool == "avg":
-            return x[:, : x.shape[1] - self.num_prefix_tokens].mean(dim=1)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     @torch.no_grad()
     def forward_streaming(self, x: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
         """Chunkwise inference: logits (B, num_classes) equal to ``forward(x)``.
@@ -393,8 +314,7 @@ class VisionRetentionNet(nn.Module):
         block before the next one starts, carrying one retention state (B, H, d, d) per block, so
         activations are bounded by the chunk, not by the image. Pooling accumulates as it goes.
         """
-        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+        check_chunk_size("chunk_tokens", chunk_tokens)
         if self.bidirectional:
             raise ValueError("forward_streaming needs the causal scan; this model is bidirectional")
         if self.global_pool == "":
@@ -418,51 +338,6 @@ class VisionRetentionNet(nn.Module):
         if self.global_pool == "avg":
             pooled = pooled / num_patches
         return self.head(self.head_drop(pooled))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Outputs of the blocks in ``indices`` as (B, D, h, w) ('NCHW') or (B, h*w, D) ('NLC').
-
-        With ``return_prefix_tokens`` each entry is ``(patch_tokens, class_token (B, 1, D))``.
-        Returns the list, or ``(final features, list)`` unless ``intermediates_only``.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, (h, w) = self._embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[: max_index + 1]
-        intermediates = []
-        for i, block in enumerate(blocks):
-            x = block(x)
-            if i in take_indices:
-                y = self.norm(x) if norm else x
-                patches, prefix = y[:, : h * w], y[:, h * w :]
-                if output_fmt == "NCHW":
-                    patches = patches.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the blocks after the last index in ``indices`` (and the head / norm); returns the indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take_indices
 
 
 def _init_linear(module: nn.Module) -> None:

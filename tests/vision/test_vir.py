@@ -223,7 +223,7 @@ def test_float16_and_bfloat16_models_run():
     ("x", "match"),
     [
         (torch.randn(2, 1, 64, 64), "x must have 3 channels"),
-        (torch.randn(2, 3, 64, 60), r"x must be \(64, 64\) pixels"),
+        (torch.randn(2, 3, 64, 60), r"x must be \(64, 64\) for this model"),
         (torch.randn(2, 3, 2, 64, 64), r"x must be an image batch \(B, C, H, W\)"),
     ],
 )
