@@ -77,7 +77,7 @@ REFERENCE = "vit_small_patch16_224"
 VIR_CHUNK = "vir_small_patch16_224:chunk"
 VIR_STREAMING = "vir_small_patch16_224:streaming"
 LIGHTNET = "lightnet_small_patch16_224"
-DEFAULT_MODELS = (VIR_CHUNK, VIR_STREAMING, REFERENCE, "deit_small_patch16_224")
+DEFAULT_MODELS = (VIR_CHUNK, VIR_STREAMING, LIGHTNET, REFERENCE, "deit_small_patch16_224")
 DEFAULT_SIZES = (224, 448, 896, 1344)
 BUSY_WARNING = 0.1  # CPU use by other processes above which the times are not trustworthy
 
