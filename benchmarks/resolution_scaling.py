@@ -6,9 +6,9 @@
                                             [--out benchmarks/out]
 
 Every model is made with ``timm.create_model(name, pretrained=False, dynamic_img_size=True)``
-(``import seqvision`` registers the ``vir_*`` models in timm; nothing is downloaded) and run in eval
-mode under ``torch.no_grad``, float32, batch 1, on square images of each ``--sizes``. A model name
-may end with how to call the model, which also names its rows:
+(``import seqvision`` registers the ``vir_*`` and ``lightnet_*`` models in timm; nothing is
+downloaded) and run in eval mode under ``torch.no_grad``, float32, batch 1, on square images of
+each ``--sizes``. A model name may end with how to call the model, which also names its rows:
 
     MODEL              ``m(x)``
     MODEL:chunk        ``m.set_retention_form("chunk", chunk_size=--chunk-size)`` before ``m.eval()``,
@@ -17,8 +17,8 @@ may end with how to call the model, which also names its rows:
                        streaming inference; returns logits like ``m(x)``)
 
 The default ``--models`` are ``vir_small_patch16_224:chunk vir_small_patch16_224:streaming
-vit_small_patch16_224 deit_small_patch16_224``. ``vit_small_patch16_224`` is the reference of the
-ratio columns and is always measured.
+lightnet_small_patch16_224 vit_small_patch16_224 deit_small_patch16_224``.
+``vit_small_patch16_224`` is the reference of the ratio columns and is always measured.
 
 Each (model, size) runs in a fresh process. After the model and the input image exist, the peak-RSS
 counter is reset (``/proc/self/clear_refs``, Linux only), so the peak above that baseline, over the

@@ -7,7 +7,6 @@ import torch
 from timm.models import group_parameters
 
 import seqvision  # noqa: F401  (registers the models)
-from seqvision.kernels import linear_attention
 from seqvision.kernels.check import relative_error
 from seqvision.vision.lightnet import LightNet, LightNetAttention
 
