@@ -19,6 +19,11 @@ any image size or clip length works without interpolation.
 
 Block: RMSNorm -> LightNet attention -> RMSNorm -> GLU w3(silu(w1 x) * w2 x), both residual.
 
+Inference: without autograd, the non-causal blocks run ``inference_chunk_tokens`` tokens at a time
+(default 1024): a first pass over the chunks accumulates softmax_s(K)^T V with a running maximum
+(``KeyValueSummary``), a second reads every query against it and runs the output projection and the
+GLU. The result equals the whole-sequence forward, and activation memory is bounded by the chunk.
+
 Sizes (widths and depths of DeiT, GLU hidden 8/3 d; MD-TPE adds d^2 + small per axis):
 
 =================================  =====  =====  =====  ===========  =================
@@ -44,7 +49,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from seqvision.kernels import linear_attention
 
-from .base import ScanMixer, TokenBackbone, check_image
+from .base import ScanMixer, TokenBackbone, check_chunk_size, check_image
 from .layers import GroupRmsNorm, MdLrpe, MdTpe, TubeletEmbed
 
 __all__ = ["LightNet", "LightNetAttention", "LightNetBlock"]
@@ -75,12 +80,21 @@ class LightNetAttention(ScanMixer):
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        B, L, D = x.shape
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> q = silu(W_q x), k, v as (B, H, L, head_dim); k in float32 (float64 stays)
+        because its normaliser saturates in 16 bits on long sequences."""
+        B, L, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q = F.silu(q)
-        # The normaliser saturates in 16 bits on long sequences: float32 (float64 stays float64).
-        k = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
+        return F.silu(q), k.to(torch.float64 if k.dtype == torch.float64 else torch.float32), v
+
+    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Scan output o (B, H, L, head_dim) and the layer input x (B, L, D) -> (B, L, D)."""
+        B, _, L, _ = o.shape
+        o = self.out_norm(o.transpose(1, 2).reshape(B, L, -1)) * torch.sigmoid(self.gate(x))
+        return self.proj_drop(self.o_proj(o))
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        q, k, v = self._project(x)
         if self.causal:
             z = torch.logcumsumexp(k, dim=2)
             # The gate between t-1 and t is g(t-1)/g(t); nothing comes before the first token.
@@ -96,8 +110,42 @@ class LightNetAttention(ScanMixer):
         o = linear_attention(
             q, k, v, log_decay, causal=self.causal, form=self.form, chunk_size=self.chunk_size
         )
-        o = self.out_norm(o.transpose(1, 2).reshape(B, L, D)) * torch.sigmoid(self.gate(x))
-        return self.proj_drop(self.o_proj(o))
+        return self._output(o, x)
+
+
+class KeyValueSummary:
+    """softmax_s(K)^T V of the non-causal scan (per head, per key channel), accumulated over token
+    chunks with a running maximum, so the whole sequence's keys never exist at once.
+
+    ``add(k, v, table)`` takes a chunk's keys (B, H, T, d) in float32/64, values (B, H, T, dv) and
+    its MD-LRPE table rows (T, 2, d), or None without MD-LRPE; ``result()`` returns (B, H, R, dv)
+    with R = 2 d (or d), the matrix the encoded queries multiply.
+    """
+
+    def __init__(self, doubled: bool) -> None:
+        self.doubled = doubled
+        self.max = self.weights = self.total = None
+
+    def add(self, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None) -> None:
+        chunk_max = k.amax(dim=2, keepdim=True)  # (B, H, 1, d)
+        new_max = chunk_max if self.max is None else torch.maximum(self.max, chunk_max)
+        e = torch.exp(k - new_max)
+        rows = e if table is None else MdLrpe.apply_table(e, table.to(e.dtype))
+        weights, total = rows.transpose(-1, -2) @ v.to(e.dtype), e.sum(dim=2, keepdim=True)
+        if self.max is not None:
+            rescale = torch.exp(self.max - new_max)  # what was summed under the old maximum
+            weights = weights + self.weights * self._per_row(rescale)
+            total = total + self.total * rescale
+        self.max, self.weights, self.total = new_max, weights, total
+
+    def result(self) -> torch.Tensor:
+        return self.weights / self._per_row(self.total)
+
+    def _per_row(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """(B, H, 1, d) per key channel -> (B, H, R, 1); MD-LRPE's cos and sin rows share a channel."""
+        if self.doubled:
+            per_channel = torch.cat((per_channel, per_channel), dim=-1)
+        return per_channel.transpose(-1, -2)
 
 
 class LightNetBlock(nn.Module):
@@ -125,6 +173,33 @@ class LightNetBlock(nn.Module):
     def forward(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         x = x + self.drop_path1(self.attn(self.norm1(x), grid))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    @torch.no_grad()
+    def forward_chunked(self, x: torch.Tensor, grid: tuple[int, ...], chunk_tokens: int) -> torch.Tensor:
+        """The non-causal block for inference, ``chunk_tokens`` tokens at a time; equals ``forward``.
+
+        Two passes over the chunks: the first projects each chunk and accumulates the keys'
+        softmax-weighted summary of the values; the second reads every query against it and runs
+        the output projection and the GLU. Only the block's input and output and the queries exist
+        for the whole sequence, so activation memory is bounded by the chunk.
+        """
+        attn = self.attn
+        table = None if attn.lrpe is None else attn.lrpe.table(grid, x)
+        chunks = [slice(start, start + chunk_tokens) for start in range(0, x.shape[1], chunk_tokens)]
+        summary, queries = KeyValueSummary(doubled=table is not None), []
+        for chunk in chunks:
+            q, k, v = attn._project(self.norm1(x[:, chunk]))
+            summary.add(k, v, None if table is None else table[chunk])
+            queries.append(q)
+        kv = summary.result()
+        out = torch.empty_like(x)
+        for chunk, q in zip(chunks, queries, strict=True):
+            if table is not None:
+                q = MdLrpe.apply_table(q, table[chunk])
+            o = ((q.to(kv.dtype) * q.shape[-1] ** -0.5) @ kv).to(x.dtype)
+            y = x[:, chunk] + attn._output(o, self.norm1(x[:, chunk]))
+            out[:, chunk] = y + self.mlp(self.norm2(y))
+        return out
 
 
 class LightNet(TokenBackbone):
@@ -160,9 +235,12 @@ class LightNet(TokenBackbone):
         drop_path_rate: float = 0.0,
         scan_form: str = "chunk",
         chunk_size: int = 64,
+        inference_chunk_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
         self._check_global_pool(global_pool)
+        check_chunk_size("inference_chunk_tokens", inference_chunk_tokens)
+        self.inference_chunk_tokens = inference_chunk_tokens
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -214,6 +292,16 @@ class LightNet(TokenBackbone):
 
         self.set_scan_form(scan_form, chunk_size)
         self.apply(_init_linear)
+
+    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, ...], blocks: nn.Sequential) -> torch.Tensor:
+        # Without autograd the non-causal blocks run token chunk by token chunk (the same result),
+        # so inference memory does not grow with every intermediate of every token.
+        chunk = self.inference_chunk_tokens
+        if torch.is_grad_enabled() or self.causal or chunk is None or x.shape[1] <= chunk:
+            return super()._run_blocks(x, grid, blocks)
+        for block in blocks:
+            x = block.forward_chunked(x, grid, chunk)
+        return x
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

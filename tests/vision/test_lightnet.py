@@ -217,3 +217,42 @@ def test_bad_arguments():
         small().set_scan_form("fast")
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         small().set_scan_form("chunk", 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40])
+def test_chunked_inference_equals_the_full_forward(chunk):
+    # Without autograd the non-causal blocks run chunk by chunk; with autograd the whole sequence.
+    model = small(inference_chunk_tokens=chunk, dynamic_img_size=True).double()
+    x = torch.randn(2, 3, 96, 80, dtype=torch.float64) * 2
+    with torch.no_grad():
+        model.inference_chunk_tokens = None
+        full = model(x)
+        model.inference_chunk_tokens = chunk
+        chunked = model(x)
+        features = model.forward_intermediates(x, indices=[2], intermediates_only=True)
+    assert relative_error(chunked, full) < 1e-12
+    with torch.enable_grad():
+        assert relative_error(model(x), full) < 1e-12
+        assert (
+            relative_error(
+                features[0], model.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+            )
+            < 1e-12
+        )
+
+
+def test_chunked_inference_without_lrpe_and_for_video():
+    for name, kwargs, x in (
+        ("lightnet_tiny_patch16_224", {"use_lrpe": False}, torch.randn(1, 3, 64, 64, dtype=torch.float64)),
+        (VIDEO, {"num_frames": 4}, torch.randn(1, 3, 4, 64, 64, dtype=torch.float64)),
+    ):
+        model = small(name, inference_chunk_tokens=5, **kwargs).double()
+        with torch.no_grad():
+            chunked = model(x)
+            model.inference_chunk_tokens = None
+            assert relative_error(chunked, model(x)) < 1e-12
+
+
+def test_inference_chunk_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="inference_chunk_tokens must be a positive int"):
+        LightNet(inference_chunk_tokens=0)

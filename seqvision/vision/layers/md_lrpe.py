@@ -89,15 +89,28 @@ class MdLrpe(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 0) -> torch.Tensor:
         self._check_input(x, grid, num_prefix_tokens)
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return self.apply_table(x, self.table(grid, x, num_prefix_tokens))
+
+    def table(self, grid: Sequence[int], like: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+        """The (L, 2, d) table of [cos Theta; sin Theta] for every token, in the dtype of ``like``.
+
+        Angles are computed in float32 (float64 for float64 ``like``). A 16-bit cast of the module
+        rounds the stored frequencies, and positions times rounded frequencies drift by whole
+        radians on large grids, so then they are recomputed instead.
+        """
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         theta = self.theta
         if theta.dtype != dtype:
-            # A 16-bit cast of the module rounds the frequencies; positions times rounded frequencies
-            # drift by whole radians on large grids, so recompute them instead.
-            theta = lrpe_frequencies(self.head_dim, self.num_axes, self.base, x.device, dtype)
-        angles = lrpe_angles(theta.to(x.device), grid, self.head_dim, num_prefix_tokens)
-        # One product with a (L, 2, d) table of [cos; sin] gives concat(x cos, x sin) without a cat.
-        table = torch.stack((angles.cos(), angles.sin()), dim=-2).to(x.dtype)
+            theta = lrpe_frequencies(self.head_dim, self.num_axes, self.base, like.device, dtype)
+        angles = lrpe_angles(theta.to(like.device), grid, self.head_dim, num_prefix_tokens)
+        return torch.stack((angles.cos(), angles.sin()), dim=-2).to(like.dtype)
+
+    @staticmethod
+    def apply_table(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """x (..., L, d) and its rows of the table (L, 2, d) -> concat(x cos, x sin) (..., L, 2 d).
+
+        One product with the stacked table gives the concatenation without a cat.
+        """
         return (x.unsqueeze(-2) * table).flatten(-2)
 
     def _check_input(self, x: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int) -> None:
