@@ -15,10 +15,59 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ScanMixer", "TokenBackbone", "check_chunk_size", "check_image"]
+__all__ = [
+    "ScanMixer",
+    "TokenBackbone",
+    "build_backbone",
+    "check_chunk_size",
+    "check_image",
+    "default_cfg",
+    "init_linear",
+]
+
+
+def init_linear(module: nn.Module) -> None:
+    """timm's ViT initialisation for Linear layers: truncated normal (std 0.02), zero bias."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def default_cfg(**kwargs) -> dict:
+    """timm's pretrained cfg for a 224-pixel ImageNet backbone. No weights are hosted for these
+    models: load your own with ``pretrained_cfg_overlay=dict(file=...)`` or ``dict(hf_hub_id=...)``."""
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+def build_backbone(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's builder with the feature getter (``features_only=True`` through forward_intermediates)."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
 
 
 def check_chunk_size(name: str, value: int | None) -> None:

@@ -44,12 +44,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, PatchEmbed, RmsNorm, SwiGLU, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, PatchEmbed, RmsNorm, SwiGLU
+from timm.models import generate_default_cfgs, register_model
 
 from seqvision.kernels import linear_attention
 
-from .base import ScanMixer, TokenBackbone, check_chunk_size, check_image
+from .base import (
+    ScanMixer,
+    TokenBackbone,
+    build_backbone,
+    check_chunk_size,
+    check_image,
+    default_cfg,
+    init_linear,
+)
 from .layers import GroupRmsNorm, MdLrpe, MdTpe, TubeletEmbed
 
 __all__ = ["LightNet", "LightNetAttention", "LightNetBlock"]
@@ -291,7 +299,7 @@ class LightNet(TokenBackbone):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         self.set_scan_form(scan_form, chunk_size)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     def _run_blocks(self, x: torch.Tensor, grid: tuple[int, ...], blocks: nn.Sequential) -> torch.Tensor:
         # Without autograd the non-causal blocks run token chunk by token chunk (the same result),
@@ -319,49 +327,18 @@ class LightNet(TokenBackbone):
         return x.flatten(1, -2), grid
 
 
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def _create_lightnet(variant: str, pretrained: bool = False, **kwargs) -> LightNet:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        LightNet,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
-
-
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
+    return build_backbone(LightNet, variant, pretrained, **kwargs)
 
 
 # No public ImageNet weights exist for these sizes; load your own through
 # pretrained_cfg_overlay=dict(file=...) or dict(hf_hub_id=...).
 default_cfgs = generate_default_cfgs(
     {
-        "lightnet_tiny_patch16_224": _cfg(),
-        "lightnet_small_patch16_224": _cfg(),
-        "lightnet_base_patch16_224": _cfg(),
-        "lightnet_small_video_patch16_224": _cfg(num_classes=400),
+        "lightnet_tiny_patch16_224": default_cfg(),
+        "lightnet_small_patch16_224": default_cfg(),
+        "lightnet_base_patch16_224": default_cfg(),
+        "lightnet_small_video_patch16_224": default_cfg(num_classes=400),
     }
 )
 

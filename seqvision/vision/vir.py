@@ -47,11 +47,19 @@ from timm.layers import (
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from seqvision.kernels import linear_attention
 
-from .base import ScanMixer, TokenBackbone, check_chunk_size, check_image
+from .base import (
+    ScanMixer,
+    TokenBackbone,
+    build_backbone,
+    check_chunk_size,
+    check_image,
+    default_cfg,
+    init_linear,
+)
 
 __all__ = ["RETENTION_FORMS", "Retention", "RetentionBlock", "VisionRetentionNet", "retention_log_decay"]
 
@@ -274,7 +282,7 @@ class VisionRetentionNet(TokenBackbone):
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(_init_linear)
+        self.apply(init_linear)
 
     def set_retention_form(self, form: str, chunk_size: int | None = None) -> None:
         """Run every retention layer in ``form`` ('parallel' | 'chunk' | 'recurrent'); same outputs."""
@@ -340,13 +348,6 @@ class VisionRetentionNet(TokenBackbone):
         return self.head(self.head_drop(pooled))
 
 
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def checkpoint_filter_fn(state_dict: dict, model: VisionRetentionNet) -> dict:
     """Adapt a ViR checkpoint to ``model``: unwrap 'model'/'state_dict', resize the position embedding."""
     for key in ("model", "state_dict", "module"):
@@ -367,32 +368,9 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionRetentionNet) -> dict:
 
 
 def _create_vir(variant: str, pretrained: bool = False, **kwargs) -> VisionRetentionNet:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        VisionRetentionNet,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
+    return build_backbone(
+        VisionRetentionNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
-
-
-def _cfg(**kwargs) -> dict:
-    return {
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "apache-2.0",
-        **kwargs,
-    }
 
 
 # No public ImageNet weights exist for ViR; load your own with
@@ -400,14 +378,14 @@ def _cfg(**kwargs) -> dict:
 # Hub id with pretrained_cfg_overlay=dict(hf_hub_id="user/repo").
 default_cfgs = generate_default_cfgs(
     {
-        "vir_tiny_patch16_224": _cfg(),
-        "vir_small_patch16_224": _cfg(),
-        "vir_base_patch16_224": _cfg(),
-        "vir_large_patch16_224": _cfg(),
-        "vir_large_patch14_224": _cfg(),
-        "vir_tiny_patch16_224_bidir": _cfg(),
-        "vir_small_patch16_224_bidir": _cfg(),
-        "vir_base_patch16_224_bidir": _cfg(),
+        "vir_tiny_patch16_224": default_cfg(),
+        "vir_small_patch16_224": default_cfg(),
+        "vir_base_patch16_224": default_cfg(),
+        "vir_large_patch16_224": default_cfg(),
+        "vir_large_patch14_224": default_cfg(),
+        "vir_tiny_patch16_224_bidir": default_cfg(),
+        "vir_small_patch16_224_bidir": default_cfg(),
+        "vir_base_patch16_224_bidir": default_cfg(),
     }
 )
 
