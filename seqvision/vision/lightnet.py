@@ -19,10 +19,11 @@ any image size or clip length works without interpolation.
 
 Block: RMSNorm -> LightNet attention -> RMSNorm -> GLU w3(silu(w1 x) * w2 x), both residual.
 
-Inference: without autograd, the non-causal blocks run ``inference_chunk_tokens`` tokens at a time
-(default 1024): a first pass over the chunks accumulates softmax_s(K)^T V with a running maximum
-(``KeyValueSummary``), a second reads every query against it and runs the output projection and the
-GLU. The result equals the whole-sequence forward, and activation memory is bounded by the chunk.
+Inference: in eval mode without autograd, the non-causal blocks run ``inference_chunk_tokens``
+tokens at a time (default 1024): a first pass over the chunks accumulates softmax_s(K)^T V with a
+running maximum (``KeyValueSummary``), a second reads every query against it and runs the output
+projection and the GLU. The result equals the whole-sequence forward, and activation memory is
+bounded by the chunk.
 
 Sizes (widths and depths of DeiT, GLU hidden 8/3 d; MD-TPE adds d^2 + small per axis):
 
@@ -302,10 +303,11 @@ class LightNet(TokenBackbone):
         self.apply(init_linear)
 
     def _run_blocks(self, x: torch.Tensor, grid: tuple[int, ...], blocks: nn.Sequential) -> torch.Tensor:
-        # Without autograd the non-causal blocks run token chunk by token chunk (the same result),
-        # so inference memory does not grow with every intermediate of every token.
+        # In eval mode without autograd the non-causal blocks run token chunk by token chunk (the
+        # same result), so inference memory does not grow with every intermediate of every token.
         chunk = self.inference_chunk_tokens
-        if torch.is_grad_enabled() or self.causal or chunk is None or x.shape[1] <= chunk:
+        chunked = not (self.training or torch.is_grad_enabled() or self.causal or chunk is None)
+        if not chunked or x.shape[1] <= chunk:
             return super()._run_blocks(x, grid, blocks)
         for block in blocks:
             x = block.forward_chunked(x, grid, chunk)
