@@ -6,27 +6,68 @@ the argument, what was expected and what came, instead of a shape error deep ins
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "SEQVISION_BACKEND"
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor | None) -> str:
-    """Return the backend that will run an operator: ``"torch"`` or ``"triton"``.
+@functools.cache
+def triton_importable() -> bool:
+    """Whether the triton package imports here; seqvision itself never needs it."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-    ``"auto"`` picks the PyTorch reference for now; the Triton kernels are not part of this release,
-    so asking for them explicitly is an error rather than a silent fallback.
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run through the interpreter (on the CPU): TRITON_INTERPRET=1, which must
+    be set before triton is imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(
+    backend: str, *tensors: torch.Tensor | None, op: str = "this operator", has_triton: bool = False
+) -> str:
+    """Return the backend that runs ``op``: ``"torch"`` (the PyTorch forms) or ``"triton"``.
+
+    ``"auto"`` picks Triton when ``op`` has a Triton kernel, its tensors are on CUDA and triton imports,
+    and the PyTorch forms otherwise; the environment variable SEQVISION_BACKEND=torch|triton replaces
+    ``"auto"`` (with ``triton``, operators without a kernel keep the PyTorch forms). Asking for
+    ``"triton"`` explicitly never falls back: it is an error where the kernel cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        chosen = os.environ.get(BACKEND_ENV, "").strip()
+        if chosen and chosen not in ("torch", "triton"):
+            raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton', got {chosen!r}")
+        if chosen:
+            return "triton" if chosen == "triton" and has_triton else "torch"
+        present = [t for t in tensors if t is not None]
+        on_cuda = bool(present) and all(t.is_cuda for t in present)
+        return "triton" if has_triton and on_cuda and triton_importable() else "torch"
     if backend == "triton":
-        raise ValueError(
-            "backend='triton' is not available in this release of seqvision: the Triton kernels have "
-            "not landed yet; use backend='torch' or 'auto' (which runs the exact PyTorch forms)"
-        )
-    return "torch"
+        if not has_triton:
+            raise ValueError(
+                f"backend='triton' is not available for {op} yet: use backend='torch' or 'auto' "
+                "(which runs the exact PyTorch forms)"
+            )
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package, which does not import here")
+        devices = {t.device.type for t in tensors if t is not None}
+        if devices != {"cuda"} and not triton_interpreted():
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set before "
+                f"triton is imported), got tensors on {sorted(devices)}"
+            )
+    return backend
 
 
 def check_form(form: str, allowed: Sequence[str]) -> None:

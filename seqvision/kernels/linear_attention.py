@@ -99,7 +99,7 @@ def linear_attention(
         ``initial_state``/``output_final_state`` gives the same outputs as the whole sequence.
     """
     _check_arguments(q, k, v, log_decay, causal, form, chunk_size, initial_state, output_final_state, scale)
-    resolve_backend(backend, q, k, v, log_decay, initial_state)
+    resolve_backend(backend, q, k, v, log_decay, initial_state, op="linear_attention")
 
     dtype = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

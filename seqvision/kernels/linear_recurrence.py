@@ -79,7 +79,7 @@ def linear_recurrence(
     if log_a.dim() > x.dim() or _broadcast_shape(log_a.shape, x.shape) != x.shape:
         raise ValueError(f"log_a must broadcast to x {tuple(x.shape)}, got shape {tuple(log_a.shape)}")
     check_nonpositive("log_a", log_a)
-    resolve_backend(backend, x, log_a)
+    resolve_backend(backend, x, log_a, op="linear_recurrence")
 
     dtype = compute_dtype(x.dtype)
     # Scan along dim 0: each step is then one contiguous slab. log_a keeps its broadcast (size-1) dims.

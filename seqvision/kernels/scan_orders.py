@@ -35,6 +35,11 @@ Routes, used by :func:`cross_scan` / :func:`cross_merge` (``y[:, k]`` is route `
 ``cross_merge`` is the adjoint of ``cross_scan``: it puts each route back in grid layout and sums over
 ``K``, so ``<cross_scan(x), y> == <x, cross_merge(y, grid)>`` and ``cross_merge(cross_scan(x)) == K * x``.
 
+Backends: ``cross_scan`` and ``cross_merge`` also have a Triton path (``backend="triton"``, or
+``"auto"`` on CUDA tensors): one fused gather each, driven by per-route index tables read off the
+PyTorch reference, the merge summing the K routes in registers; each one's backward is the other.
+On the CPU it runs only through Triton's interpreter (TRITON_INTERPRET=1).
+
 Dtypes: ``flatten`` / ``unflatten`` only move elements, so they accept any dtype (integer and bool
 included, handy for carrying masks or token ids along the same path). ``cross_scan`` / ``cross_merge``
 are the differentiable pair used inside the mixer and, like every other operator in
@@ -50,6 +55,12 @@ from functools import lru_cache
 import torch
 
 from ._common import check_tensor, resolve_backend
+
+try:  # optional: the Triton path exists only where triton imports
+    import triton as _triton
+    import triton.language as tl
+except ImportError:
+    _triton = tl = None
 
 __all__ = ["ORDERS", "cross_merge", "cross_scan", "flatten", "num_routes", "unflatten"]
 
@@ -185,13 +196,19 @@ def cross_scan(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
     Args:
         x: ``(B, C, H, W)`` or ``(B, C, D, H, W)``, floating point.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (not available yet).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one fused gather; its backward is the
+            fused merge).
 
     Returns:
         ``(B, K, C, L)`` with ``L = prod(x.shape[2:])``.
     """
     _check_x(x, floating=True)
-    resolve_backend(backend, x)
+    if resolve_backend(backend, x, op="cross_scan", has_triton=_triton is not None) == "triton":
+        return _CrossScanTriton.apply(x)
+    return _cross_scan_torch(x)
+
+
+def _cross_scan_torch(x: torch.Tensor) -> torch.Tensor:
     n = x.dim() - 2
     forward = torch.stack(
         [x.permute(0, 1, *(2 + a for a in axes)).flatten(2) for axes in _ORIENTATIONS[n]], dim=1
@@ -206,14 +223,14 @@ def cross_merge(y: torch.Tensor, grid: Sequence[int], *, backend: str = "auto") 
         y: ``(B, K, C, L)`` with ``K = 4`` for a 2-D grid, ``6`` for a 3-D grid, and ``L = prod(grid)``;
             floating point. ``y[:, k]`` is read along route ``k`` of :func:`cross_scan`.
         grid: ``(H, W)`` or ``(D, H, W)``, positive ints.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (not available yet).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one fused gather-and-sum; its backward is
+            the fused cross_scan).
 
     Returns:
         ``(B, C, *grid)``, ``sum_k`` of route ``k`` of ``y`` unflattened.
     """
     check_tensor("y", y)
     grid = _check_grid(grid)
-    resolve_backend(backend, y)
     n = len(grid)
     k = num_routes(n)
     length = math.prod(grid)
@@ -222,6 +239,14 @@ def cross_merge(y: torch.Tensor, grid: Sequence[int], *, backend: str = "auto") 
             f"y must be (B, K, C, L) with K = {k} routes for a {n}-D grid and L = prod(grid) = {length} "
             f"for grid {grid}, got shape {tuple(y.shape)}"
         )
+    if resolve_backend(backend, y, op="cross_merge", has_triton=_triton is not None) == "triton":
+        return _CrossMergeTriton.apply(y, grid)
+    return _cross_merge_torch(y, grid)
+
+
+def _cross_merge_torch(y: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    n = len(grid)
+    k = num_routes(n)
     batch, _, channels, _ = y.shape
     # Fold each backward route onto its forward twin first: one flip and add instead of K/2 more
     # permutes back to grid layout.
@@ -235,3 +260,108 @@ def cross_merge(y: torch.Tensor, grid: Sequence[int], *, backend: str = "auto") 
         part = part.permute(0, 1, *(2 + a for a in inverse_axes))
         out = part if out is None else out + part
     return out.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: cross_scan and cross_merge as one fused gather each, driven by per-route index tables
+# ------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _route_tables(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, L) int32 tables: ``source[k, l]`` is the grid cell (raster index) at step l of route k,
+    ``inverse[k, p]`` the step of route k that visits cell p. Read off the PyTorch reference, so the
+    kernels cannot disagree with it about the routes."""
+    with torch.inference_mode(False):
+        cells = torch.arange(math.prod(grid), dtype=torch.float64).reshape(1, 1, *grid)
+        source = _cross_scan_torch(cells)[0, :, 0].to(torch.int64)
+        inverse = torch.argsort(source, dim=-1)
+        return source.to(device, torch.int32), inverse.to(device, torch.int32)
+
+
+def _new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Output buffers of the Triton kernels (a seam for tests, which poison them)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _block(length: int) -> int:
+    return min(1024, _triton.next_power_of_2(length))
+
+
+def _gather_routes(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, K, C, L) with one Triton launch."""
+    x = x.contiguous()
+    grid = tuple(x.shape[2:])
+    batch, channels, length = x.shape[0], x.shape[1], math.prod(grid)
+    source, _ = _route_tables(grid, x.device)
+    k = source.shape[0]
+    out = _new_output((batch, k, channels, length), x)
+    block = _block(length)
+    launch = (batch * channels, k, _triton.cdiv(length, block))
+    _gather_routes_kernel[launch](x, source, out, channels, length, k, BLOCK=block)
+    return out
+
+
+def _merge_routes(y: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, K, C, L) -> (B, C, *grid), the K routes summed in registers, with one Triton launch."""
+    y = y.contiguous()
+    batch, k, channels, length = y.shape
+    _, inverse = _route_tables(grid, y.device)
+    out = _new_output((batch, channels, *grid), y)
+    block = _block(length)
+    launch = (batch * channels, _triton.cdiv(length, block))
+    _merge_routes_kernel[launch](
+        y, inverse, out, channels, length, K=k, BLOCK=block, ACC_FP64=y.dtype == torch.float64
+    )
+    return out
+
+
+class _CrossScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.grid = tuple(x.shape[2:])
+        return _gather_routes(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _merge_routes(grad, ctx.grid)  # the adjoint of the gather
+
+
+class _CrossMergeTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        return _merge_routes(y, grid)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _gather_routes(grad), None
+
+
+if _triton is not None:
+
+    @_triton.jit
+    def _gather_routes_kernel(x_ptr, source_ptr, out_ptr, C, L, K, BLOCK: tl.constexpr):
+        # out[b, k, c, l] = x[b, c, source[k, l]]; one program per (b * C + c, k, block of l).
+        row = tl.program_id(0).to(tl.int64)
+        k = tl.program_id(1)
+        steps = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        mask = steps < L
+        cells = tl.load(source_ptr + k * L + steps, mask=mask, other=0)
+        values = tl.load(x_ptr + row * L + cells, mask=mask)
+        b, c = row // C, row % C
+        tl.store(out_ptr + ((b * K + k) * C + c) * L + steps, values, mask=mask)
+
+    @_triton.jit
+    def _merge_routes_kernel(
+        y_ptr, inverse_ptr, out_ptr, C, L, K: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr
+    ):
+        # out[b, c, p] = sum_k y[b, k, c, inverse[k, p]]; one program per (b * C + c, block of p).
+        row = tl.program_id(0).to(tl.int64)
+        cells = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cells < L
+        b, c = row // C, row % C
+        acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC_FP64 else tl.float32)
+        for k in tl.static_range(K):
+            steps = tl.load(inverse_ptr + k * L + cells, mask=mask, other=0)
+            acc += tl.load(y_ptr + ((b * K + k) * C + c) * L + steps, mask=mask, other=0.0).to(acc.dtype)
+        tl.store(out_ptr + row * L + cells, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -80,7 +80,7 @@ def selective_scan(
         ``y`` (B, D, L), or ``(y, last_state)``.
     """
     _check_arguments(u, delta, A, B, C, D, z, delta_bias, form, chunk_size)
-    resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias)
+    resolve_backend(backend, u, delta, A, B, C, D, z, delta_bias, op="selective_scan")
 
     dtype = compute_dtype(u.dtype)
     batch, dim, L = u.shape

@@ -12,9 +12,17 @@ def test_auto_and_torch_select_the_reference():
     assert resolve_backend("torch", x, None) == "torch"
 
 
-def test_triton_is_refused_with_a_clear_message():
-    with pytest.raises(ValueError, match="backend='triton' is not available in this release"):
-        resolve_backend("triton", torch.zeros(2))
+def test_triton_is_refused_where_no_kernel_exists():
+    with pytest.raises(ValueError, match="backend='triton' is not available for linear_attention yet"):
+        resolve_backend("triton", torch.zeros(2), op="linear_attention")
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"runs on CUDA tensors .* got tensors on \['cpu'\]"):
+        resolve_backend("triton", torch.zeros(2), op="cross_scan", has_triton=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", torch.zeros(2), op="cross_scan", has_triton=True) == "triton"
 
 
 def test_unknown_backend():
