@@ -9,6 +9,11 @@ reuses the scans below.
 
 ``reverse=True`` runs the same recurrence from the other end: ``h_t = a_t * h_{t+1} + x_t``.
 
+``backend="triton"`` (or ``"auto"`` on CUDA tensors) runs a fused kernel: one program per line and
+block of positions across the axis, walking the axis in registers and reading x through its stride
+(no transposes); the backward pass is the reverse scan, recomputing nothing but reading the saved
+outputs for the gate gradients.
+
 Forms:
 
 ``recurrent``  a loop over the axis: the ground truth.
@@ -22,7 +27,15 @@ Forms:
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+try:  # optional: the Triton path exists only where triton imports
+    import triton as _triton
+    import triton.language as tl
+except ImportError:
+    _triton = tl = None
 
 from ._common import (
     check_aux_dtype,
@@ -58,7 +71,9 @@ def linear_recurrence(
         reverse: scan from the last position to the first.
         form: ``"chunk"`` (default) or ``"recurrent"``.
         chunk_size: steps per chunk for the chunk form.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``. The Triton kernel ignores ``form`` and
+            ``chunk_size``: each program walks the axis step by step, its running value in
+            registers, reading x in place through its strides.
 
     Returns:
         ``h`` with the shape and dtype of ``x``.
@@ -79,7 +94,8 @@ def linear_recurrence(
     if log_a.dim() > x.dim() or _broadcast_shape(log_a.shape, x.shape) != x.shape:
         raise ValueError(f"log_a must broadcast to x {tuple(x.shape)}, got shape {tuple(log_a.shape)}")
     check_nonpositive("log_a", log_a)
-    resolve_backend(backend, x, log_a, op="linear_recurrence")
+    if resolve_backend(backend, x, log_a, op="linear_recurrence", has_triton=_triton is not None) == "triton":
+        return _LinearRecurrenceTriton.apply(x, log_a.expand(x.shape), dim, reverse)
 
     dtype = compute_dtype(x.dtype)
     # Scan along dim 0: each step is then one contiguous slab. log_a keeps its broadcast (size-1) dims.
@@ -161,3 +177,103 @@ def scan_chunk(gates: torch.Tensor, x: torch.Tensor, carry: torch.Tensor | None)
     else:
         h_even = torch.addcmul(x_even, a_even, before_even)
     return torch.stack((h_even, h_odd), dim=1).flatten(0, 1)[:C]
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton: one program per (outer index, block of inner positions), sequential along the axis
+# ------------------------------------------------------------------------------------------------
+
+
+def _as_three_axes(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int, int, int]:
+    """View a contiguous x as (outer, L, inner) around axis ``dim``: step t of line (o, i) sits at
+    o * L * inner + t * inner + i, so the kernels read the axis through its stride, no transpose."""
+    x = x.contiguous()
+    outer = math.prod(x.shape[:dim])
+    inner = math.prod(x.shape[dim + 1 :])
+    return x, outer, x.shape[dim], inner
+
+
+def _launch(outer: int, inner: int) -> tuple[tuple[int, int], int]:
+    block = min(256, _triton.next_power_of_2(inner))
+    return (outer, _triton.cdiv(inner, block)), block
+
+
+class _LinearRecurrenceTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, log_a: torch.Tensor, dim: int, reverse: bool) -> torch.Tensor:
+        dim = dim % x.dim()
+        x, outer, length, inner = _as_three_axes(x, dim)
+        log_a = log_a.contiguous()  # the caller expanded it to x's shape
+        h = _new_output(x)
+        grid, block = _launch(outer, inner)
+        _recurrence_forward_kernel[grid](x, log_a, h, length, inner, REVERSE=reverse, BLOCK=block)
+        ctx.save_for_backward(log_a, h)
+        ctx.dim, ctx.reverse = dim, reverse
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        log_a, h = ctx.saved_tensors
+        grad, outer, length, inner = _as_three_axes(grad, ctx.dim)
+        grad_x = _new_output(grad)
+        grad_log_a = torch.empty(log_a.shape, dtype=torch.float32, device=log_a.device)
+        grid, block = _launch(outer, inner)
+        _recurrence_backward_kernel[grid](
+            grad, log_a, h, grad_x, grad_log_a, length, inner, REVERSE=ctx.reverse, BLOCK=block
+        )
+        return grad_x, grad_log_a.to(log_a.dtype), None, None
+
+
+def _new_output(like: torch.Tensor) -> torch.Tensor:
+    """Output buffers of the Triton kernels (a seam for tests, which poison them)."""
+    return torch.empty_like(like)
+
+
+if _triton is not None:
+
+    @_triton.jit
+    def _recurrence_forward_kernel(
+        x_ptr, log_a_ptr, h_ptr, L, INNER, REVERSE: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        # h_t = exp(log_a_t) h_{t-1} + x_t along the middle axis of (outer, L, inner), in float32.
+        line = tl.program_id(0).to(tl.int64) * L * INNER
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < INNER
+        h = tl.zeros([BLOCK], dtype=tl.float32)
+        for step in range(L):
+            t = L - 1 - step if REVERSE else step
+            offset = line + t * INNER + cols
+            gate = tl.exp(tl.load(log_a_ptr + offset, mask=mask, other=0.0).to(tl.float32))
+            h = gate * h + tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+            tl.store(h_ptr + offset, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @_triton.jit
+    def _recurrence_backward_kernel(
+        grad_ptr,
+        log_a_ptr,
+        h_ptr,
+        grad_x_ptr,
+        grad_log_a_ptr,
+        L,
+        INNER,
+        REVERSE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # The reverse scan g_t = dh_t + a_{t+1} g_{t+1}; dx_t = g_t, dlog_a_t = g_t a_t h_{t-1}, where
+        # "t+1" / "t-1" are the next / previous steps in scan order and h_{-1} = 0.
+        line = tl.program_id(0).to(tl.int64) * L * INNER
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < INNER
+        g = tl.zeros([BLOCK], dtype=tl.float32)
+        next_gate = tl.zeros([BLOCK], dtype=tl.float32)
+        for step in range(L):
+            t = step if REVERSE else L - 1 - step  # scan order backwards
+            offset = line + t * INNER + cols
+            g = tl.load(grad_ptr + offset, mask=mask, other=0.0).to(tl.float32) + next_gate * g
+            tl.store(grad_x_ptr + offset, g.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            gate = tl.exp(tl.load(log_a_ptr + offset, mask=mask, other=0.0).to(tl.float32))
+            has_previous = (t < L - 1) if REVERSE else (t > 0)
+            previous = offset + INNER if REVERSE else offset - INNER
+            h_previous = tl.load(h_ptr + previous, mask=mask & has_previous, other=0.0).to(tl.float32)
+            tl.store(grad_log_a_ptr + offset, g * gate * h_previous, mask=mask)
+            next_gate = gate
