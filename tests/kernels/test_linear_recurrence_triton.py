@@ -66,3 +66,26 @@ def test_non_contiguous_input_and_strong_decay():
     log_a = -300 * torch.rand(5, 40, 6)
     out = linear_recurrence(x, log_a, 1, backend="triton")
     assert relative_error(out, linear_recurrence(x, log_a, 1, backend="torch")) < 1e-5
+
+
+def test_lightnet_forward_under_seqvision_backend_triton(monkeypatch):
+    # The environment override reaches the operators inside a model: MD-TPE's scans run the Triton
+    # kernel (linear_attention has none yet and keeps the PyTorch forms); the logits agree.
+    import timm
+
+    import seqvision  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model("lightnet_tiny_patch16_224", img_size=48, depth=2).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        expected = model(x)
+        launches = []
+        kernel = module._LinearRecurrenceTriton.apply
+        monkeypatch.setattr(
+            module._LinearRecurrenceTriton, "apply", lambda *a: launches.append(1) or kernel(*a)
+        )
+        monkeypatch.setenv("SEQVISION_BACKEND", "triton")
+        out = model(x)
+    assert len(launches) == 4  # two axes, forward and reverse
+    assert relative_error(out, expected) < 1e-5
