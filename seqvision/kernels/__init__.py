@@ -7,15 +7,18 @@ fast exact form used by default) and takes ``backend="auto" | "torch" | "triton"
 * :func:`selective_scan` - Mamba-1's selective scan with mamba-ssm's signature.
 * :func:`linear_recurrence` - ``h_t = a_t h_{t-1} + x_t`` along one axis of an N-D tensor.
 * :mod:`scan_orders` - flatten a 2-D/3-D grid into sequences and back; ``cross_scan``/``cross_merge``.
+* :func:`compute_dtype` - the dtype the operators compute in: float64 for float64, float32 otherwise.
 """
 
 from . import scan_orders
+from ._common import compute_dtype
 from .linear_attention import linear_attention
 from .linear_recurrence import linear_recurrence
 from .scan_orders import cross_merge, cross_scan
 from .selective_scan import selective_scan
 
 __all__ = [
+    "compute_dtype",
     "cross_merge",
     "cross_scan",
     "linear_attention",

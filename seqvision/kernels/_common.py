@@ -133,5 +133,7 @@ def check_nonpositive(name: str, x: torch.Tensor) -> None:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The PyTorch forms run in float64 for float64 inputs and in float32 for everything else."""
+    """The PyTorch forms run in float64 for float64 inputs and in float32 for everything else.
+
+    Layers use it for what must not be rounded to 16 bits: decays, normalisers, statistics, angles."""
     return torch.float64 if dtype == torch.float64 else torch.float32

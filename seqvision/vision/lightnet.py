@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, RmsNorm, SwiGLU
 from timm.models import generate_default_cfgs, register_model
 
-from seqvision.kernels import linear_attention
+from seqvision.kernels import compute_dtype, linear_attention
 
 from .base import (
     ScanMixer,
@@ -94,7 +94,7 @@ class LightNetAttention(ScanMixer):
         because its normaliser saturates in 16 bits on long sequences."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return F.silu(q), k.to(torch.float64 if k.dtype == torch.float64 else torch.float32), v
+        return F.silu(q), k.to(compute_dtype(k.dtype)), v
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Scan output o (B, H, L, head_dim) and the layer input x (B, L, D) -> (B, L, D)."""

@@ -49,7 +49,7 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs, register_model
 
-from seqvision.kernels import linear_attention
+from seqvision.kernels import compute_dtype, linear_attention
 
 from .base import (
     ScanMixer,
@@ -121,7 +121,7 @@ class Retention(ScanMixer):
             k,
             v,
             # The decays stay in float32 beside 16-bit activations (float64 for float64 checks).
-            self.log_decay.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+            self.log_decay.to(compute_dtype(q.dtype)),
             causal=not self.bidirectional,
             form=self.form,
             chunk_size=self.chunk_size,

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
+from seqvision.kernels import compute_dtype
+
 from .norm import check_positive_int
 
 __all__ = ["MdLrpe", "lrpe_angles", "lrpe_frequencies"]
@@ -98,7 +100,7 @@ class MdLrpe(nn.Module):
         rounds the stored frequencies, and positions times rounded frequencies drift by whole
         radians on large grids, so then they are recomputed instead.
         """
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(like.dtype)
         theta = self.theta
         if theta.dtype != dtype:
             theta = lrpe_frequencies(self.head_dim, self.num_axes, self.base, like.device, dtype)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from seqvision.kernels import linear_recurrence
+from seqvision.kernels import compute_dtype, linear_recurrence
 
 from .norm import GroupRmsNorm, check_positive_int
 
@@ -130,7 +130,7 @@ class MdTpe(nn.Module):
         """y = sum_a y_a, before the norm and the projection. x (B, *grid, D) -> (B, *grid, D)."""
         self._check_input(x)
         # Gates stay in float32 beside 16-bit activations (float64 for float64 checks).
-        gate_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gate_dtype = compute_dtype(x.dtype)
         # Per head -> per channel: head h owns the contiguous channels [h * head_dim, (h + 1) * head_dim).
         log_decay = F.logsigmoid(self.decay_logit.to(gate_dtype)).repeat_interleave(self.head_dim, dim=-1)
         weight = (self.q * self.k).sum(-1).repeat_interleave(self.head_dim, dim=-1).to(x.dtype)

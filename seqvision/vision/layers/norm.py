@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
+from seqvision.kernels import compute_dtype
+
 __all__ = ["GroupRmsNorm"]
 
 
@@ -67,7 +69,7 @@ class GroupRmsNorm(nn.Module):
                 f"x must have shape (..., C={self.num_channels}) with channels last, got {tuple(x.shape)}"
             )
         # 16-bit squares lose most of their mantissa in the mean; float64 stays float64 for exact checks.
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x.dtype)
         groups = x.to(dtype).unflatten(-1, (self.num_groups, -1))
         y = groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)
         y = y.flatten(-2)
