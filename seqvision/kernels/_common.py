@@ -75,9 +75,11 @@ def check_form(form: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"form must be one of {tuple(allowed)}, got {form!r}")
 
 
-def check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is a positive int (bools excluded), else raise a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_tensor(name: str, x: object, ndim: int | Sequence[int] | None = None) -> torch.Tensor:

@@ -44,9 +44,9 @@ import torch
 
 from ._common import (
     check_aux_dtype,
-    check_chunk_size,
     check_form,
     check_nonpositive,
+    check_positive_int,
     check_same_device,
     check_same_dtype,
     check_shape,
@@ -132,7 +132,7 @@ def _check_arguments(q, k, v, log_decay, causal, form, chunk_size, initial_state
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     check_form(form, FORMS)
-    check_chunk_size(chunk_size)
+    check_positive_int("chunk_size", chunk_size)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if log_decay is not None:

@@ -39,9 +39,9 @@ except ImportError:
 
 from ._common import (
     check_aux_dtype,
-    check_chunk_size,
     check_form,
     check_nonpositive,
+    check_positive_int,
     check_same_device,
     check_tensor,
     compute_dtype,
@@ -87,7 +87,7 @@ def linear_recurrence(
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
     check_form(form, FORMS)
-    check_chunk_size(chunk_size)
+    check_positive_int("chunk_size", chunk_size)
     check_aux_dtype("log_a", log_a, x.dtype)
     check_same_device(("x", "log_a"), (x, log_a))
     dim = dim % x.dim()

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from ._common import (
     check_aux_dtype,
-    check_chunk_size,
     check_form,
+    check_positive_int,
     check_same_device,
     check_same_dtype,
     check_shape,
@@ -198,4 +198,4 @@ def _check_arguments(u, delta, A, B, C, D, z, delta_bias, form, chunk_size):
     present = {name: x for name, x in present.items() if x is not None}
     check_same_device(list(present), list(present.values()))
     check_form(form, FORMS)
-    check_chunk_size(chunk_size)
+    check_positive_int("chunk_size", chunk_size)

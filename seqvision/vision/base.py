@@ -20,6 +20,8 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
+from seqvision.kernels._common import check_positive_int
+
 __all__ = [
     "ScanMixer",
     "TokenBackbone",
@@ -71,8 +73,9 @@ def build_backbone(model_cls: type[nn.Module], variant: str, pretrained: bool = 
 
 
 def check_chunk_size(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    """None (keep the current size) or a positive int."""
+    if value is not None:
+        check_positive_int(name, value)
 
 
 class ScanMixer(nn.Module):

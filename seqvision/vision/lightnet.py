@@ -206,6 +206,8 @@ class LightNetBlock(nn.Module):
             if table is not None:
                 q = MdLrpe.apply_table(q, table[chunk])
             o = ((q.to(kv.dtype) * q.shape[-1] ** -0.5) @ kv).to(x.dtype)
+            # norm1 is recomputed rather than kept from the first pass: keeping it would hold a
+            # full-sequence copy of the input, the memory this path exists to save.
             y = x[:, chunk] + attn._output(o, self.norm1(x[:, chunk]))
             out[:, chunk] = y + self.mlp(self.norm2(y))
         return out

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from seqvision.kernels import compute_dtype, linear_recurrence
+from seqvision.kernels._common import check_positive_int
 
-from .norm import GroupRmsNorm, check_positive_int
+from .norm import GroupRmsNorm
 
 __all__ = ["MdTpe", "init_decay_logit"]
 

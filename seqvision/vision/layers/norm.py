@@ -16,15 +16,9 @@ import torch.nn as nn
 from timm.layers import register_notrace_module
 
 from seqvision.kernels import compute_dtype
+from seqvision.kernels._common import check_positive_int
 
 __all__ = ["GroupRmsNorm"]
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (bools excluded), else raise a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 # An fx leaf: the dtype choice and the input checks branch on tensor attributes, which fx cannot trace.
