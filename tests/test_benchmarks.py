@@ -14,7 +14,7 @@ def test_kernels_gpu_check_only_passes_under_the_interpreter():
         [sys.executable, str(SCRIPT), "--check-only"], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "14 of 14 kernel checks within tolerance" in result.stdout
+    assert "36 of 36 kernel checks within tolerance" in result.stdout
     assert "FAIL" not in result.stdout
 
 
@@ -25,3 +25,18 @@ def test_kernels_gpu_refuses_to_time_without_a_gpu():
     )
     assert result.returncode == 2
     assert "timing needs a CUDA device" in result.stderr
+
+
+def test_kernels_gpu_timing_code_runs_under_the_interpreter(tmp_path):
+    # --smoke walks every timing path (all four operators, peers absent) on tiny CPU shapes, so a
+    # mistake there shows here rather than on the one GPU run.
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = (tmp_path / "kernels_gpu.csv").read_text().splitlines()
+    operators = {line.split(",")[0] for line in lines[1:]}
+    assert operators == {"cross_scan", "linear_recurrence", "linear_attention", "selective_scan"}
+    assert len(lines) == 1 + 2 * 6  # header, then 6 rows for each of the 2 lengths

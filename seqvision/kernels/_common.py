@@ -33,26 +33,33 @@ def triton_interpreted() -> bool:
 
 
 def resolve_backend(
-    backend: str, *tensors: torch.Tensor | None, op: str = "this operator", has_triton: bool = False
+    backend: str,
+    *tensors: torch.Tensor | None,
+    op: str = "this operator",
+    has_triton: bool = False,
+    takes_float64: bool = False,
 ) -> str:
     """Return the backend that runs ``op``: ``"torch"`` (the PyTorch forms) or ``"triton"``.
 
     ``"auto"`` picks Triton when ``op`` has a Triton kernel, its tensors are on CUDA and triton imports,
     and the PyTorch forms otherwise; the environment variable SEQVISION_BACKEND=torch|triton replaces
-    ``"auto"`` (with ``triton``, operators without a kernel keep the PyTorch forms). Asking for
+    ``"auto"`` (with ``triton``, operators without a kernel keep the PyTorch forms). The scan kernels
+    compute in float32, so float64 tensors take the PyTorch forms under ``"auto"`` unless the kernel
+    ``takes_float64`` (the copies of scan_orders do). Asking for
     ``"triton"`` explicitly never falls back: it is an error where the kernel cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    present = [t for t in tensors if t is not None]
+    float64 = not takes_float64 and any(t.dtype == torch.float64 for t in present)
     if backend == "auto":
         chosen = os.environ.get(BACKEND_ENV, "").strip()
         if chosen and chosen not in ("torch", "triton"):
             raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton', got {chosen!r}")
         if chosen:
-            return "triton" if chosen == "triton" and has_triton else "torch"
-        present = [t for t in tensors if t is not None]
+            return "triton" if chosen == "triton" and has_triton and not float64 else "torch"
         on_cuda = bool(present) and all(t.is_cuda for t in present)
-        return "triton" if has_triton and on_cuda and triton_importable() else "torch"
+        return "triton" if has_triton and on_cuda and not float64 and triton_importable() else "torch"
     if backend == "triton":
         if not has_triton:
             raise ValueError(
@@ -61,7 +68,12 @@ def resolve_backend(
             )
         if not triton_importable():
             raise ValueError("backend='triton' needs the triton package, which does not import here")
-        devices = {t.device.type for t in tensors if t is not None}
+        if float64:
+            raise ValueError(
+                f"backend='triton' computes {op} in float32 and takes float32, float16 or bfloat16 "
+                "tensors, got float64: use backend='torch' (or 'auto') for float64"
+            )
+        devices = {t.device.type for t in present}
         if devices != {"cuda"} and not triton_interpreted():
             raise ValueError(
                 f"backend='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set before "

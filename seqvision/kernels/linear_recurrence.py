@@ -31,12 +31,6 @@ import math
 
 import torch
 
-try:  # optional: the Triton path exists only where triton imports
-    import triton as _triton
-    import triton.language as tl
-except ImportError:
-    _triton = tl = None
-
 from ._common import (
     check_aux_dtype,
     check_form,
@@ -47,6 +41,8 @@ from ._common import (
     compute_dtype,
     resolve_backend,
 )
+from ._triton import tl
+from ._triton import triton as _triton
 
 FORMS = ("chunk", "recurrent")
 

@@ -55,12 +55,8 @@ from functools import lru_cache
 import torch
 
 from ._common import check_tensor, resolve_backend
-
-try:  # optional: the Triton path exists only where triton imports
-    import triton as _triton
-    import triton.language as tl
-except ImportError:
-    _triton = tl = None
+from ._triton import tl
+from ._triton import triton as _triton
 
 __all__ = ["ORDERS", "cross_merge", "cross_scan", "flatten", "num_routes", "unflatten"]
 
@@ -203,7 +199,10 @@ def cross_scan(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         ``(B, K, C, L)`` with ``L = prod(x.shape[2:])``.
     """
     _check_x(x, floating=True)
-    if resolve_backend(backend, x, op="cross_scan", has_triton=_triton is not None) == "triton":
+    if (
+        resolve_backend(backend, x, op="cross_scan", has_triton=_triton is not None, takes_float64=True)
+        == "triton"
+    ):
         return _CrossScanTriton.apply(x)
     return _cross_scan_torch(x)
 
@@ -239,7 +238,10 @@ def cross_merge(y: torch.Tensor, grid: Sequence[int], *, backend: str = "auto") 
             f"y must be (B, K, C, L) with K = {k} routes for a {n}-D grid and L = prod(grid) = {length} "
             f"for grid {grid}, got shape {tuple(y.shape)}"
         )
-    if resolve_backend(backend, y, op="cross_merge", has_triton=_triton is not None) == "triton":
+    if (
+        resolve_backend(backend, y, op="cross_merge", has_triton=_triton is not None, takes_float64=True)
+        == "triton"
+    ):
         return _CrossMergeTriton.apply(y, grid)
     return _cross_merge_torch(y, grid)
 

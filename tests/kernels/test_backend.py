@@ -1,4 +1,5 @@
-"""Backend selection: 'auto' and 'torch' run the PyTorch forms; 'triton' is refused until it lands."""
+"""Backend selection: 'auto' picks Triton only for CUDA tensors of a dtype its kernel takes; 'triton'
+asked for by name never falls back."""
 
 import pytest
 import torch
@@ -13,8 +14,17 @@ def test_auto_and_torch_select_the_reference():
 
 
 def test_triton_is_refused_where_no_kernel_exists():
-    with pytest.raises(ValueError, match="backend='triton' is not available for linear_attention yet"):
-        resolve_backend("triton", torch.zeros(2), op="linear_attention")
+    with pytest.raises(ValueError, match="backend='triton' is not available for some_op yet"):
+        resolve_backend("triton", torch.zeros(2), op="some_op")
+
+
+def test_float64_keeps_the_reference_unless_the_kernel_takes_it(monkeypatch):
+    x = torch.zeros(2, dtype=torch.float64)
+    monkeypatch.setenv("SEQVISION_BACKEND", "triton")
+    assert resolve_backend("auto", x, op="linear_attention", has_triton=True) == "torch"
+    assert resolve_backend("auto", x, op="cross_scan", has_triton=True, takes_float64=True) == "triton"
+    with pytest.raises(ValueError, match=r"computes linear_attention in float32 .* got float64"):
+        resolve_backend("triton", x, op="linear_attention", has_triton=True)
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

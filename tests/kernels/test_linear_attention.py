@@ -268,7 +268,11 @@ def _good():
         ),
         (lambda a: {"output_final_state": True, "causal": False}, ValueError, "need causal=True"),
         (lambda a: {"backend": "cuda"}, ValueError, "backend must be one of"),
-        (lambda a: {"backend": "triton"}, ValueError, "backend='triton' is not available"),
+        (
+            lambda a: {"backend": "triton", **{name: a[name].double() for name in "qkv"}},
+            ValueError,
+            r"backend='triton' computes linear_attention in float32 .* got float64",
+        ),
     ],
 )
 def test_bad_arguments_name_the_argument(change, error, match):

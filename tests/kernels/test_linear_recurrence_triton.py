@@ -70,7 +70,7 @@ def test_non_contiguous_input_and_strong_decay():
 
 def test_lightnet_forward_under_seqvision_backend_triton(monkeypatch):
     # The environment override reaches the operators inside a model: MD-TPE's scans run the Triton
-    # kernel (linear_attention has none yet and keeps the PyTorch forms); the logits agree.
+    # kernel (and the token mixer's linear_attention runs its own); the logits agree.
     import timm
 
     import seqvision  # noqa: F401
