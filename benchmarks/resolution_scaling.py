@@ -6,7 +6,7 @@
                                             [--out benchmarks/out]
 
 Every model is made with ``timm.create_model(name, pretrained=False, dynamic_img_size=True)``
-(``import seqvision`` registers the ``vir_*`` and ``lightnet_*`` models in timm; nothing is
+(``import seqvision`` registers the ``vir_*``, ``lightnet_*``, ``vim_*`` and ``vmamba_*`` models; nothing is
 downloaded) and run in eval mode under ``torch.no_grad``, float32, batch 1, on square images of
 each ``--sizes``. A model name may end with how to call the model, which also names its rows:
 
@@ -17,7 +17,8 @@ each ``--sizes``. A model name may end with how to call the model, which also na
                        streaming inference; returns logits like ``m(x)``)
 
 The default ``--models`` are ``vir_small_patch16_224:chunk vir_small_patch16_224:streaming
-lightnet_small_patch16_224 vit_small_patch16_224 deit_small_patch16_224``.
+lightnet_small_patch16_224 vim_small_patch16_224 vmamba_tiny_224 vit_small_patch16_224
+deit_small_patch16_224``.
 ``vit_small_patch16_224`` is the reference of the ratio columns and is always measured.
 
 Each (model, size) runs in a fresh process. After the model and the input image exist, the peak-RSS
@@ -77,7 +78,9 @@ REFERENCE = "vit_small_patch16_224"
 VIR_CHUNK = "vir_small_patch16_224:chunk"
 VIR_STREAMING = "vir_small_patch16_224:streaming"
 LIGHTNET = "lightnet_small_patch16_224"
-DEFAULT_MODELS = (VIR_CHUNK, VIR_STREAMING, LIGHTNET, REFERENCE, "deit_small_patch16_224")
+VIM = "vim_small_patch16_224"
+VMAMBA = "vmamba_tiny_224"
+DEFAULT_MODELS = (VIR_CHUNK, VIR_STREAMING, LIGHTNET, VIM, VMAMBA, REFERENCE, "deit_small_patch16_224")
 DEFAULT_SIZES = (224, 448, 896, 1344)
 BUSY_WARNING = 0.1  # CPU use by other processes above which the times are not trustworthy
 

@@ -2,12 +2,31 @@
 
 * :mod:`seqvision.vision.vir` - ViR, Vision Retention Networks (``vir_*``).
 * :mod:`seqvision.vision.lightnet` - LightNet, one additive scan per layer (``lightnet_*``).
+* :mod:`seqvision.vision.mamba` - Mamba mixer; Vim (``vim_*``) and VMamba (``vmamba_*``).
+* :mod:`seqvision.vision.em` - TokenUnify's EM encoder (``emmamba_*``) and affinity segmenter
+  (:func:`create_em_segmenter`).
 * :mod:`seqvision.vision.base` - the timm interface every backbone shares.
 * :mod:`seqvision.vision.layers` - shared layers (MD-TPE, MD-LRPE, group RMSNorm, tubelet embedding).
 """
 
-from . import lightnet, vir
+from . import em, lightnet, mamba, vir
+from .em import EMMambaEncoder, EMSegMamba, create_em_segmenter, load_encoder_weights
 from .lightnet import LightNet
+from .mamba import MambaMixer, VisionMamba, VMamba
 from .vir import VisionRetentionNet
 
-__all__ = ["LightNet", "VisionRetentionNet", "lightnet", "vir"]
+__all__ = [
+    "EMMambaEncoder",
+    "EMSegMamba",
+    "LightNet",
+    "MambaMixer",
+    "VMamba",
+    "VisionMamba",
+    "VisionRetentionNet",
+    "create_em_segmenter",
+    "em",
+    "lightnet",
+    "load_encoder_weights",
+    "mamba",
+    "vir",
+]

@@ -1,0 +1,935 @@
+"""Mamba backbones: Vim (isotropic, bidirectional) and VMamba (hierarchical, cross scan).
+
+Mamba (Gu & Dao, arXiv 2312.00752) mixes tokens with a selective state-space scan. Per channel d of
+the expanded input u (E = expand * dim channels) a state h of N numbers runs along the sequence:
+
+    delta_t = softplus(W_dt (x_proj(u)_t)[:R] + b_dt)          (low-rank step, R = ceil(dim / 16))
+    h_t     = exp(delta_t A_d) h_{t-1} + delta_t B_t u_t        (A_d = -exp(A_log_d), N numbers)
+    y_t     = C_t . h_t + D_d u_t                               (B_t, C_t = x_proj(u)_t[R:], shared by d)
+
+``MambaMixer`` is the whole block around it: x, z = in_proj(x); u = silu(causal depthwise conv(x));
+the scan; y * silu(z); out_proj. ``version=2`` keeps that block and swaps the scan for Mamba-2's SSD
+(Dao & Gu, arXiv 2405.21060): one scalar decay per head, a_t = exp(delta_t A_h), and an (N, P) state
+per head of P = ``head_dim`` channels,
+
+    S_t = a_t S_{t-1} + B_t^T (delta_t x_t),        y_t = C_t S_t + D_h x_t,
+
+which is ``linear_attention(q=C, k=B, v=delta * x, log_decay=delta * A, scale=1)`` with log_decay of
+shape (B, H, L). Mamba-2's own block (x, z, B, C and delta from one fused in_proj, a gated RMSNorm)
+is not reproduced; only its scan is.
+
+Images are not sequences, so the mixer scans several routes through the token grid
+(``scan_directions``), each route with its own conv, x_proj, dt_proj, A_log and D (in_proj and
+out_proj are shared), and sums the routes back in grid order:
+
+===============  =====  ==================================================================
+``forward``        1    the sequence as given (raster order for a grid)
+``bidirectional``  2    forward + reversed (Vim's "bimamba v2"); any sequence, no grid needed
+``cross``          4    VMamba's cross scan of a 2-D grid: rows, columns, both reversed
+                        (``kernels.cross_scan`` / ``cross_merge``)
+``tri``            3    TokenUnify / SegMamba on a 3-D grid (Z, Y, X): raster, reversed, and an
+                        inter-slice route that visits the Z slices of one (y, x) column in turn
+===============  =====  ==================================================================
+
+All routes run as ONE scan call: routes are stacked on the channel axis (K * E channels) and B / C
+are grouped per route, which both operators accept. The gate silu(z) is applied after the merge:
+gating is elementwise and the routes are permutations, so this equals gating each route.
+
+Numerics: whatever the activations' dtype (bf16 / fp16 parameters or autocast), x_proj, dt_proj,
+the scan and the route merge run in float32 (float64 for float64 inputs) with autocast switched off;
+the low-precision NaNs mamba-ssm's users report come from exp(delta A) and softplus in 16 bits.
+
+Models (no hosted weights; parameter counts at 224 px with 1000 classes):
+
+================================  ===========================  ==========  =================
+model                             layout                       parameters  paper
+================================  ===========================  ==========  =================
+``vim_tiny_patch16_224``          192 wide, 24 blocks          7.15 M      Vim-Ti 7 M
+``vim_small_patch16_224``         384 wide, 24 blocks          25.80 M     Vim-S 26 M
+``vmamba_tiny_224``               96-768, depths 2-2-9-2       22.89 M     VMamba-T (v0) 22 M
+================================  ===========================  ==========  =================
+
+Vim (Zhu et al., arXiv 2401.09417; code hustvl/Vim): patch embedding, absolute positions, the class
+token inserted in the MIDDLE of the patch sequence (so both scan directions reach it after half the
+patches), 24 blocks RMSNorm -> bidirectional Mamba (routes averaged, Vim's ``if_divide_out``) ->
+residual, RMSNorm, head on the class token. Here the position embedding covers the patches only
+(the class token's own position is folded into the learned token), so counts are D lower than Vim's,
+and ``forward_features`` returns the patch tokens first and the class token LAST, the layout every
+seqvision backbone shares; the middle placement is internal to the blocks.
+
+VMamba (Liu et al., arXiv 2401.10166, first version; code MzeroMiko/VMamba, "v0" config): a 4x4
+patch stem, 4 stages (96, 192, 384, 768 channels, depths 2-2-9-2) of SS2D blocks LayerNorm ->
+cross-scan Mamba -> residual, Swin patch merging between stages. SS2D differs from Vim's mixer in
+two places, kept here: one 3x3 depthwise Conv2d on the grid before the routes (``grid_conv``), and a
+LayerNorm on the merged routes before the gate (``out_norm``). Stages take and return NCHW maps, so
+``features_only`` gives 4 levels at reductions 4, 8, 16, 32.
+
+Scripting: not supported (the mixers call Python operators with argument checks). ``MambaMixer`` is
+an fx leaf module, so timm's fx feature extraction works for fixed-size Vim models; VMamba's stages
+read their grid from the input shape, so its features come through ``forward_intermediates``
+(``features_only=True``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import (
+    ClassifierHead,
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    PatchEmbed,
+    RmsNorm,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch.amp import is_autocast_available
+from torch.utils.checkpoint import checkpoint
+
+from seqvision.kernels import (
+    compute_dtype,
+    cross_merge,
+    cross_scan,
+    linear_attention,
+    scan_orders,
+    selective_scan,
+)
+from seqvision.kernels._common import check_positive_int
+
+from .base import ScanMixer, TokenBackbone, build_backbone, check_image, default_cfg, init_linear
+from .vir import checkpoint_filter_fn as _pos_embed_filter_fn
+
+__all__ = [
+    "SCAN_DIRECTIONS",
+    "MambaBlock",
+    "MambaMixer",
+    "PatchMerging2d",
+    "VMamba",
+    "VMambaStage",
+    "VisionMamba",
+    "dt_bias_init",
+    "mamba_no_weight_decay",
+    "set_scan_form",
+]
+
+# Number of routes of each scan direction, and the grid rank it needs (None: any sequence).
+SCAN_DIRECTIONS: dict[str, tuple[int, int | None]] = {
+    "forward": (1, None),
+    "bidirectional": (2, None),
+    "cross": (4, 2),
+    "tri": (3, 3),
+}
+
+
+def dt_bias_init(
+    shape: Sequence[int], dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4
+) -> torch.Tensor:
+    """Mamba's dt bias: softplus(bias) log-uniform in [dt_min, dt_max] (floored), via softplus^-1."""
+    log_dt = torch.rand(*shape) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = log_dt.exp().clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt), stable for small dt
+
+
+@register_notrace_module
+class MambaMixer(ScanMixer):
+    """Mamba token mixer over one or several scan routes. x (B, L, dim) -> (B, L, dim).
+
+    Args:
+        dim: model width.
+        d_state: N, state size per channel (version 1) or per head (version 2).
+        d_conv: kernel of the depthwise conv: causal along each route, or ``grid_conv`` (odd, same
+            padding) on the grid before routing.
+        expand: E = expand * dim inner channels.
+        dt_rank: R of the low-rank step projection, "auto" = ceil(dim / 16).
+        version: 1 (selective scan, diagonal state per channel) or 2 (SSD, scalar decay per head).
+        scan_directions: one of ``SCAN_DIRECTIONS``; 'cross' needs a 2-D grid, 'tri' a 3-D grid.
+        head_dim: P, channels per head for version 2 (must divide E).
+        grid_conv: VMamba's depthwise conv on the grid before the routes instead of a causal conv
+            per route ('cross' and 'tri' only).
+        out_norm: VMamba's LayerNorm on the merged routes before the gate.
+        average_routes: divide the route sum by the number of routes (Vim's ``if_divide_out``).
+        dt_min, dt_max, dt_init_floor: range of the initial step sizes.
+        conv_bias, bias: biases of the conv and of in_proj / out_proj.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        version: int = 1,
+        scan_directions: str = "forward",
+        head_dim: int = 64,
+        grid_conv: bool = False,
+        out_norm: bool = False,
+        average_routes: bool = False,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("d_state", d_state), ("d_conv", d_conv)):
+            check_positive_int(name, value)
+        if version not in (1, 2):
+            raise ValueError(f"version must be 1 (selective scan) or 2 (SSD), got {version!r}")
+        if scan_directions not in SCAN_DIRECTIONS:
+            raise ValueError(
+                f"scan_directions must be one of {tuple(SCAN_DIRECTIONS)}, got {scan_directions!r}"
+            )
+        num_routes, grid_ndim = SCAN_DIRECTIONS[scan_directions]
+        if grid_conv and (grid_ndim is None or d_conv % 2 == 0):
+            raise ValueError(
+                "grid_conv needs scan_directions 'cross' or 'tri' and an odd d_conv, "
+                f"got scan_directions={scan_directions!r} and d_conv={d_conv}"
+            )
+        inner = int(expand * dim)
+        if inner < 1:
+            raise ValueError(f"expand * dim must be at least 1, got expand={expand} and dim={dim}")
+        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else check_positive_int("dt_rank", dt_rank)
+        if version == 2:
+            check_positive_int("head_dim", head_dim)
+            if inner % head_dim:
+                raise ValueError(
+                    f"head_dim must divide the inner width expand * dim = {inner}, got head_dim={head_dim}"
+                )
+        self.dim, self.inner, self.d_state, self.version = dim, inner, d_state, version
+        self.scan_directions, self.num_routes, self.grid_ndim = scan_directions, num_routes, grid_ndim
+        self.num_heads = inner // head_dim if version == 2 else inner
+        self.average_routes = average_routes
+        # selective_scan has no O(L^2) form; SSD (linear_attention) has all three.
+        self.FORMS = ("chunk", "recurrent") if version == 1 else ScanMixer.FORMS
+
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=bias)
+        self.grid_conv = grid_conv
+        if grid_conv:
+            conv_cls = nn.Conv2d if grid_ndim == 2 else nn.Conv3d
+            self.conv = conv_cls(inner, inner, d_conv, padding=d_conv // 2, groups=inner, bias=conv_bias)
+        else:
+            # One depthwise conv over all routes stacked on the channel axis; padding d_conv - 1 and
+            # keeping the first L outputs makes it causal along each route.
+            channels = num_routes * inner
+            self.conv = nn.Conv1d(
+                channels, channels, d_conv, padding=d_conv - 1, groups=channels, bias=conv_bias
+            )
+        # Per-route parameters carry a leading route axis K. Version 1 has E decays per route with N
+        # numbers each; version 2 one decay per head.
+        K, E, N, R, H = num_routes, inner, d_state, self.dt_rank, self.num_heads
+        self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, E))
+        self.dt_proj_weight = nn.Parameter(torch.empty(K, H, R))
+        self.dt_proj_bias = nn.Parameter(torch.empty(K, H))
+        self.A_log = nn.Parameter(torch.empty(K, H, N) if version == 1 else torch.empty(K, H))
+        self.D = nn.Parameter(torch.empty(K, H))
+        self.out_norm = nn.LayerNorm(inner) if out_norm else nn.Identity()
+        self.out_proj = nn.Linear(inner, dim, bias=bias)
+        self._dt_range = (dt_min, dt_max, dt_init_floor)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation of the scan parameters (in_proj / out_proj keep their own)."""
+        # x_proj as nn.Linear would be; dt_proj uniform with std ~ R^-0.5 so delta keeps its variance.
+        nn.init.uniform_(self.x_proj_weight, -(self.inner**-0.5), self.inner**-0.5)
+        nn.init.uniform_(self.dt_proj_weight, -(self.dt_rank**-0.5), self.dt_rank**-0.5)
+        self.dt_proj_bias.copy_(dt_bias_init(self.dt_proj_bias.shape, *self._dt_range))
+        if self.version == 1:
+            # S4D-real: A_n = -n for n = 1..N in every channel.
+            A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.A_log.shape)
+        else:
+            A = torch.empty(self.A_log.shape).uniform_(1, 16)  # Mamba-2's A_init_range
+        self.A_log.copy_(A.log())
+        nn.init.ones_(self.D)
+
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """x (B, L, dim) -> (B, L, dim). ``grid`` (H, W) or (Z, Y, X) with L = prod(grid) when the
+        tokens are a raster-order grid; needed for 'cross', 'tri' and ``grid_conv``."""
+        batch, length = self._check_input(x, grid)
+        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        if self.grid_conv:
+            u = F.silu(self.conv(u.reshape(batch, self.inner, *grid))).flatten(2)
+            routes = self._route(u, grid)  # (B, K, E, L)
+        else:
+            routes = self._route(u, grid)
+            conv = self.conv(routes.reshape(batch, -1, length))[..., :length]
+            routes = F.silu(conv).reshape(batch, self.num_routes, self.inner, length)
+
+        dtype = compute_dtype(x.dtype)
+        # Autocast off: it would run x_proj / dt_proj and the route sum in 16 bits. (The meta device,
+        # used to count parameters and shapes, has no autocast.)
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if is_autocast_available(device) else nullcontext():
+            routes = routes.to(dtype)
+            proj = torch.einsum("bkel,kce->bkcl", routes, self.x_proj_weight.to(dtype))
+            dt, B, C = proj.split((self.dt_rank, self.d_state, self.d_state), dim=2)
+            ys = self._scan(routes, dt, B, C) if self.version == 1 else self._ssd(routes, dt, B, C)
+            y = self._merge(ys, grid)
+            if self.average_routes:
+                y = y / self.num_routes
+        y = self.out_norm(y.transpose(1, 2).to(z.dtype))
+        return self.out_proj(y * F.silu(z.transpose(1, 2)))
+
+    def _check_input(self, x: torch.Tensor, grid: Sequence[int] | None) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be tokens (B, L, dim={self.dim}), got {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        need = self.grid_ndim
+        if need is not None or grid is not None:
+            ok = grid is not None and len(grid) == (need or len(grid)) and math.prod(grid) == length
+            if not ok:
+                layout = {2: "(H, W)", 3: "(Z, Y, X)", None: "a grid"}[need]
+                raise ValueError(
+                    f"grid must be {layout} with prod(grid) = L = {length} for scan_directions="
+                    f"{self.scan_directions!r}, got {grid!r}"
+                )
+        return batch, length
+
+    def _route(self, u: torch.Tensor, grid: Sequence[int] | None) -> torch.Tensor:
+        """u (B, E, L) in raster order -> the K route sequences (B, K, E, L)."""
+        if self.scan_directions == "forward":
+            return u.unsqueeze(1)
+        if self.scan_directions == "bidirectional":
+            return torch.stack((u, u.flip(-1)), dim=1)
+        volume = u.reshape(*u.shape[:2], *grid)
+        if self.scan_directions == "cross":
+            return cross_scan(volume)
+        # (Z, Y, X) with x and y swapped, flattened 'transposed' (first axis fastest): y slowest, then
+        # x, then z, so the slices of one (y, x) column follow each other, with the real slice count.
+        inter_slice = scan_orders.flatten(volume.transpose(-1, -2), "transposed")
+        return torch.stack((u, u.flip(-1), inter_slice), dim=1)
+
+    def _merge(self, ys: torch.Tensor, grid: Sequence[int] | None) -> torch.Tensor:
+        """The adjoint of ``_route``: every route back in raster order, summed. (B, K, E, L) -> (B, E, L)."""
+        if self.scan_directions == "forward":
+            return ys[:, 0]
+        if self.scan_directions == "cross":
+            return cross_merge(ys, tuple(grid)).flatten(2)
+        y = ys[:, 0] + ys[:, 1].flip(-1)
+        if self.scan_directions == "tri":
+            z, yy, xx = grid
+            inter_slice = scan_orders.unflatten(ys[:, 2], (z, xx, yy), "transposed")
+            y = y + inter_slice.transpose(-1, -2).flatten(2)
+        return y
+
+    def _scan(self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """Mamba-1 on all routes at once: u (B, K, E, L), dt (B, K, R, L), B, C (B, K, N, L) -> y like u."""
+        batch, K, E, L = u.shape
+        dtype = u.dtype
+        delta = torch.einsum("bkrl,ker->bkel", dt, self.dt_proj_weight.to(dtype))
+        y = selective_scan(
+            u.reshape(batch, K * E, L),
+            delta.reshape(batch, K * E, L),
+            -torch.exp(self.A_log.to(dtype)).reshape(K * E, -1),
+            B,  # (B, G=K, N, L): one B per route, grouped over the route's E channels
+            C,
+            self.D.to(dtype).reshape(-1),
+            delta_bias=self.dt_proj_bias.to(dtype).reshape(-1),
+            delta_softplus=True,
+            form=self.form,
+            chunk_size=self.chunk_size,
+        )
+        return y.reshape(batch, K, E, L)
+
+    def _ssd(self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """Mamba-2 (SSD) on every route at once, as linear attention with a (B, K*H, L) log-decay.
+
+        S_t = exp(delta_t A) S_{t-1} + B_t^T (delta_t x_t) and y_t = C_t S_t is o_t = q_t S_t with
+        q = C, k = B, v = delta * x and no q scaling; D x_t is added per head.
+        """
+        batch, K, E, L = u.shape
+        H, N, dtype = self.num_heads, self.d_state, u.dtype
+        delta = torch.einsum("bkrl,khr->bkhl", dt, self.dt_proj_weight.to(dtype))
+        delta = F.softplus(delta + self.dt_proj_bias.to(dtype)[..., None])  # (B, K, H, L)
+        log_decay = delta * -torch.exp(self.A_log.to(dtype))[..., None]  # <= 0
+        x = u.reshape(batch, K, H, E // H, L).transpose(-1, -2)  # (B, K, H, L, P)
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # (B, K, N, L) shared by the heads of a route
+            return t.transpose(-1, -2).unsqueeze(2).expand(batch, K, H, L, N).reshape(batch, K * H, L, N)
+
+        o = linear_attention(
+            per_head(C),
+            per_head(B),
+            (x * delta[..., None]).reshape(batch, K * H, L, -1),
+            log_decay.reshape(batch, K * H, L),
+            scale=1.0,
+            form=self.form,
+            chunk_size=self.chunk_size,
+        )
+        y = o.reshape(batch, K, H, L, -1) + self.D.to(dtype)[..., None, None] * x
+        return y.transpose(-1, -2).reshape(batch, K, E, L)
+
+    # -- inference one token at a time ------------------------------------------------------------
+
+    def allocate_inference_state(
+        self, batch: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero state for :meth:`step`: the conv window (B, E, d_conv - 1) in ``dtype`` and the scan
+        state, (B, E, N) for version 1 or (B, H, N, P) for version 2, in float32 (float64 for
+        float64). Only a causal single-route mixer (scan_directions='forward') can decode."""
+        if self.scan_directions != "forward" or self.grid_conv:
+            raise ValueError(
+                "step() decodes a causal sequence: it needs scan_directions='forward' without grid_conv, "
+                f"got scan_directions={self.scan_directions!r}, grid_conv={self.grid_conv}"
+            )
+        check_positive_int("batch", batch)
+        window = torch.zeros(batch, self.inner, self.conv.kernel_size[0] - 1, dtype=dtype, device=device)
+        scan_dtype = compute_dtype(dtype)
+        if self.version == 1:
+            state = torch.zeros(batch, self.inner, self.d_state, dtype=scan_dtype, device=device)
+        else:
+            head_dim = self.inner // self.num_heads
+            state = torch.zeros(
+                batch, self.num_heads, self.d_state, head_dim, dtype=scan_dtype, device=device
+            )
+        return window, state
+
+    def step(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One token: x (B, dim) and the state from :meth:`allocate_inference_state` (or the previous
+        step) -> (y (B, dim), new state). Stepping through a sequence gives ``forward``'s outputs,
+        in O(1) time and memory per token."""
+        window, h = state
+        if x.dim() != 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be one token per sequence (B, dim={self.dim}), got {tuple(x.shape)}")
+        if window.shape[0] != x.shape[0]:
+            raise ValueError(f"state is for batch {window.shape[0]}, got x with batch {x.shape[0]}")
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, E) each
+        # The causal conv over the last d_conv inputs, oldest first (the conv's tap order).
+        taps = torch.cat((window, u.unsqueeze(-1)), dim=-1)  # (B, E, d_conv)
+        conv = (taps * self.conv.weight[:, 0]).sum(-1)
+        if self.conv.bias is not None:
+            conv = conv + self.conv.bias
+        u = F.silu(conv)
+        dtype = h.dtype
+        u32 = u.to(dtype)
+        proj = u32 @ self.x_proj_weight[0].to(dtype).T  # (B, R + 2N)
+        dt, B, C = proj.split((self.dt_rank, self.d_state, self.d_state), dim=-1)
+        delta = F.softplus(dt @ self.dt_proj_weight[0].to(dtype).T + self.dt_proj_bias[0].to(dtype))
+        A = -torch.exp(self.A_log[0].to(dtype))
+        D = self.D[0].to(dtype)
+        if self.version == 1:  # per channel: h (B, E, N)
+            h = torch.exp(delta[..., None] * A) * h + (delta * u32)[..., None] * B[:, None, :]
+            y = (h @ C[..., None]).squeeze(-1) + D * u32
+        else:  # per head: S (B, H, N, P), x_h (B, H, P)
+            x_h = u32.reshape(x.shape[0], self.num_heads, -1)
+            h = (
+                torch.exp(delta * A)[..., None, None] * h
+                + B[:, None, :, None] * (delta[..., None] * x_h)[:, :, None]
+            )
+            y = ((C[:, None, None, :] @ h).squeeze(-2) + D[:, None] * x_h).flatten(1)
+        y = self.out_norm(y.to(z.dtype))
+        return self.out_proj(y * F.silu(z)), (taps[..., 1:], h)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, inner={self.inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
+            f"version={self.version}, scan_directions={self.scan_directions!r}, form={self.form!r}"
+        )
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm block: x + DropPath(mixer(norm(x))), then an optional MLP sub-block.
+
+    x (B, L, dim) -> (B, L, dim); ``grid`` is passed to the mixer. With ``residual=False`` the block
+    returns mixer(norm(x)) alone (the TokenUnify authors' EM encoder). Extra keyword arguments go to
+    ``MambaMixer``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        drop_path: float = 0.0,
+        residual: bool = True,
+        mlp_ratio: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        **mixer_kwargs,
+    ) -> None:
+        super().__init__()
+        if drop_path > 0 and not residual:
+            raise ValueError(
+                f"drop_path needs the residual connection, got drop_path={drop_path} and residual=False"
+            )
+        self.residual = residual
+        self.norm = norm_layer(dim)
+        self.mixer = MambaMixer(dim, **mixer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if mlp_ratio > 0:
+            self.norm2 = norm_layer(dim)
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+            self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        else:
+            self.norm2 = self.mlp = self.drop_path2 = None
+
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        y = self.drop_path(self.mixer(self.norm(x), grid))
+        x = x + y if self.residual else y
+        if self.mlp is not None:
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+def mamba_no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of every mixer's A_log, D and dt bias: decays, skips and biases are not weight-decayed."""
+    return {
+        f"{name}.{param}"
+        for name, module in model.named_modules()
+        if isinstance(module, MambaMixer)
+        for param in ("A_log", "D", "dt_proj_bias")
+    }
+
+
+def set_scan_form(model: nn.Module, form: str, chunk_size: int | None = None) -> None:
+    """Run every scan mixer in ``model`` in ``form`` with ``chunk_size`` tokens per chunk; the outputs
+    do not change. Every mixer validates alike, so a bad argument fails before anything changes."""
+    for mixer in model.modules():
+        if isinstance(mixer, ScanMixer):
+            mixer.set_form(form, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vim: isotropic, bidirectional, class token in the middle
+# ----------------------------------------------------------------------------------------------
+
+
+class VisionMamba(TokenBackbone):
+    """Vim backbone with timm's model interface.
+
+    Input (B, in_chans, H, W); ``forward`` returns logits (B, num_classes), ``forward_features`` the
+    normalised tokens (B, N + 1, embed_dim): the N patch tokens in raster order, then the class token.
+    Inside the blocks the class token sits at position N // 2, as in Vim.
+    """
+
+    global_pools = ("token", "avg", "")
+    stem_pattern = r"^cls_token|pos_embed|patch_embed"
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        version: int = 1,
+        head_dim: int = 64,
+        scan_directions: str = "bidirectional",
+        average_routes: bool = True,
+        class_token: bool = True,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        scan_form: str = "chunk",
+        chunk_size: int = 64,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        self._check_global_pool(global_pool)
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if SCAN_DIRECTIONS.get(scan_directions, (0, 0))[1] is not None:
+            raise ValueError(
+                "scan_directions must be 'forward' or 'bidirectional' for Vim (the class token makes the "
+                f"sequence more than a grid), got {scan_directions!r}"
+            )
+        norm_layer = norm_layer or partial(RmsNorm, eps=1e-5)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0  # timm's name; the token is stored last here
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            flatten=False,
+            output_fmt="NHWC",
+            strict_img_size=not dynamic_img_size,
+            dynamic_img_pad=dynamic_img_size if dynamic_img_pad is None else dynamic_img_pad,
+        )
+        self.patch_size = self.patch_embed.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        mixer = dict(
+            d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, version=version,
+            head_dim=head_dim, scan_directions=scan_directions, average_routes=average_routes,
+        )  # fmt: skip
+        # On the cpu explicitly, so that building under torch.device("meta") can read the rates.
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.Sequential(
+            *[MambaBlock(embed_dim, norm_layer, drop_path[i], **mixer) for i in range(depth)]
+        )
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_size[0]) for i in range(depth)
+        ]
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.set_scan_form(scan_form, chunk_size)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_linear)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"} | mamba_no_weight_decay(self)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N + P, D) -> (B, D): the class token ('token'), the patch mean ('avg'), or all ('')."""
+        return x[:, -1] if self.global_pool == "token" else super().pool(x)
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image (B, C, H, W) -> tokens (B, N (+1), D) with the class token last, and the patch grid."""
+        if not isinstance(x, torch.fx.Proxy):  # the checks branch on shapes, which fx cannot trace
+            fixed = None if self.dynamic_img_size else self.patch_embed.img_size
+            check_image(x, self.in_chans, 2, self.patch_size, fixed, self.patch_embed.dynamic_img_pad)
+        x = self.patch_embed(x)  # (B, h, w, D)
+        if self.dynamic_img_size:
+            grid = (x.shape[1], x.shape[2])
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0
+            )
+        else:
+            grid, pos_embed = self.patch_embed.grid_size, self.pos_embed
+        x = x.flatten(1, 2) + pos_embed
+        if self.cls_token is not None:
+            x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)
+        return self.pos_drop(x), grid
+
+    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, ...], blocks: nn.Sequential) -> torch.Tensor:
+        if self.cls_token is None:
+            return super()._run_blocks(x, grid, blocks)
+        # Vim scans the class token in the middle of the patches; outside the blocks it is stored last.
+        mid = (x.shape[1] - 1) // 2
+        x = torch.cat((x[:, :mid], x[:, -1:], x[:, mid:-1]), dim=1)
+        x = super()._run_blocks(x, grid, blocks)
+        return torch.cat((x[:, :mid], x[:, mid + 1 :], x[:, mid : mid + 1]), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# VMamba: hierarchical, cross scan
+# ----------------------------------------------------------------------------------------------
+
+
+class PatchMerging2d(nn.Module):
+    """Swin's patch merging on NCHW maps: each 2x2 neighbourhood's 4 C channels, LayerNorm, linear.
+
+    x (B, C, H, W) -> (B, out_dim, ceil(H / 2), ceil(W / 2)); odd sizes are zero-padded first.
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm = LayerNorm2d(4 * dim)
+        self.reduction = nn.Conv2d(4 * dim, out_dim or 2 * dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        return self.reduction(self.norm(F.pixel_unshuffle(x, 2)))
+
+
+class VMambaStage(nn.Module):
+    """Optional patch merging, then ``depth`` Mamba blocks on the grid. (B, C_in, H, W) -> (B, C, H', W')."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        downsample: bool,
+        drop_path: Sequence[float],
+        norm_layer: Callable[[int], nn.Module],
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging2d(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(
+            *[MambaBlock(dim, norm_layer, drop_path[i], **block_kwargs) for i in range(depth)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        batch, channels, height, width = x.shape
+        grid = (height, width)
+        # Channels last once per stage: the blocks' norms and projections act on the last axis.
+        tokens = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                tokens = checkpoint(block, tokens, grid, use_reentrant=False)
+            else:
+                tokens = block(tokens, grid)
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width)
+
+
+class VMamba(nn.Module):
+    """VMamba backbone with timm's model interface.
+
+    Input (B, in_chans, H, W), any size of at least 4x4 pixels (``dynamic_img_size`` is always on);
+    ``forward`` returns logits
+    (B, num_classes), ``forward_features`` the normalised last map (B, dims[-1], H/32, W/32).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        dims: Sequence[int] = (96, 192, 384, 768),
+        depths: Sequence[int] = (2, 2, 9, 2),
+        patch_size: int = 4,
+        d_state: int = 16,
+        d_conv: int = 3,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        version: int = 1,
+        head_dim: int = 64,
+        mlp_ratio: float = 0.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        scan_form: str = "chunk",
+        chunk_size: int = 64,
+        dynamic_img_size: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(dims) != len(depths) or not dims:
+            raise ValueError(
+                f"dims and depths must have one entry per stage, got dims={dims} and depths={depths}"
+            )
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        # Convolutions and scans of whatever grid comes: every input size is dynamic (the flag is
+        # accepted, like timm's ViTs take it, and cannot be turned off).
+        if not dynamic_img_size:
+            raise ValueError("VMamba takes any image size; dynamic_img_size=False is not supported")
+        self.dynamic_img_size = True
+        self.dims = tuple(dims)
+        self.patch_size = patch_size
+        self.num_features = self.head_hidden_size = dims[-1]
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, patch_size), LayerNorm2d(dims[0]))
+        block = dict(
+            d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, version=version,
+            head_dim=head_dim, scan_directions="cross", grid_conv=True, out_norm=True, mlp_ratio=mlp_ratio,
+        )  # fmt: skip
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
+        self.stages = nn.Sequential(
+            *[
+                VMambaStage(
+                    dims[max(i - 1, 0)], dims[i], depths[i], i > 0, rates[i].tolist(), norm_layer, **block
+                )
+                for i in range(len(dims))
+            ]
+        )
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"stages.{i}") for i in range(len(dims))
+        ]
+        self.norm = LayerNorm2d(dims[-1])
+        self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+        self.set_scan_form(scan_form, chunk_size)
+        self.apply(init_linear)
+
+    # ------------------------------------------------------------------------------------------
+    # configuration
+    # ------------------------------------------------------------------------------------------
+
+    def set_scan_form(self, form: str, chunk_size: int | None = None) -> None:
+        """Run every scan mixer in ``form`` with ``chunk_size`` tokens per chunk; outputs do not change."""
+        set_scan_form(self, form, chunk_size)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return mamba_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, global_pool)
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------------
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.fx.Proxy):
+            check_image(x, self.in_chans, 2, (self.patch_size,) * 2, None, pads=True)
+            if min(x.shape[2:]) < self.patch_size:
+                raise ValueError(
+                    f"x must be at least {self.patch_size}x{self.patch_size} pixels (the stem's patch), "
+                    f"got {tuple(x.shape[2:])}"
+                )
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normalised last-stage map (B, dims[-1], H/32, W/32)."""
+        return self.norm(self.stages(self.stem(self._check(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of the stages in ``indices`` as (B, C_i, H_i, W_i) ('NCHW') or channels last ('NHWC').
+
+        ``norm`` applies the final norm to the last stage's output. Returns the list, or
+        ``(final features, list)`` unless ``intermediates_only``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last = len(self.stages) - 1
+        x = self.stem(self._check(x))
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 2, 3, 1).contiguous() if output_fmt == "NHWC" else y)
+        if intermediates_only:
+            return intermediates
+        return (self.norm(x) if len(stages) == last + 1 else x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head / norm); returns the indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints, configs, registration
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """Adapt a checkpoint to ``model``: unwrap 'model'/'state_dict'/'module', resize Vim's pos_embed."""
+    if isinstance(model, VisionMamba):
+        return _pos_embed_filter_fn(state_dict, model)  # Vim's position embedding is laid out like ViR's
+    for key in ("model", "state_dict", "module"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    return state_dict
+
+
+def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    return build_backbone(
+        VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
+
+
+def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        VMamba,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+# No public weights in this layout; load your own with
+# timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="model.safetensors")).
+default_cfgs = generate_default_cfgs(
+    {
+        "vim_tiny_patch16_224": default_cfg(),
+        "vim_small_patch16_224": default_cfg(),
+        "vmamba_tiny_224": default_cfg(first_conv="stem.0", classifier="head.fc", pool_size=(7, 7)),
+    }
+)
+
+
+@register_model
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti/16: 192 wide, 24 bidirectional Mamba blocks, class token in the middle (7.15 M)."""
+    arch = dict(patch_size=16, embed_dim=192, depth=24)
+    return _create_vim("vim_tiny_patch16_224", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S/16: 384 wide, 24 bidirectional Mamba blocks, class token in the middle (25.80 M)."""
+    arch = dict(patch_size=16, embed_dim=384, depth=24)
+    return _create_vim("vim_small_patch16_224", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vmamba_tiny_224(pretrained: bool = False, **kwargs) -> VMamba:
+    """VMamba-T (first version): 96-192-384-768 channels, depths 2-2-9-2, cross scan (22.89 M)."""
+    arch = dict(dims=(96, 192, 384, 768), depths=(2, 2, 9, 2))
+    return _create_vmamba("vmamba_tiny_224", pretrained=pretrained, **dict(arch, **kwargs))
