@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -39,6 +41,35 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _synth_em(args: argparse.Namespace) -> int:
+    from seqvision.pretrain import synthetic_em_volume, write_cremi
+
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        print(f"seqvision synth-em: {output.parent}: no such folder", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        raw, labels = synthetic_em_volume(
+            tuple(args.shape),
+            seed=args.seed,
+            voxel_size=tuple(args.voxel_size),
+            missing_sections=args.missing_sections,
+            progress=True,
+        )
+    except ValueError as err:
+        print(f"seqvision synth-em: {err}", file=sys.stderr)
+        return 2
+    write_cremi(output, raw, labels, resolution=tuple(args.voxel_size))
+    blank = sum(int(section.min() == section.max()) for section in raw)
+    print(
+        f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s: "
+        f"raw {'x'.join(map(str, raw.shape))} uint8 at {'x'.join(f'{v:g}' for v in args.voxel_size)} nm, "
+        f"{int(labels.max())} neuron ids, missing sections: {blank} (seed {args.seed})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqvision", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", choices=sorted(_DTYPES), default="float64")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(run=_check)
+    synth = commands.add_parser(
+        "synth-em", help="write a synthetic EM volume with its neuron ids as a CREMI-layout HDF5 file"
+    )
+    synth.add_argument("output", help="the .h5 file to write (replaced atomically if it exists)")
+    synth.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=[32, 256, 256])
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), default=[40.0, 4.0, 4.0], help="in nm"
+    )
+    synth.add_argument(
+        "--missing-sections", type=int, default=None, help="sections to blank (default: one per 32)"
+    )
+    synth.set_defaults(run=_synth_em)
     return parser
 
 
