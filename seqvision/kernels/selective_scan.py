@@ -22,10 +22,12 @@ Returns ``y`` (B, D, L) in the dtype of ``u``, and with ``return_last_state`` al
 (B, D, N) in float32 (float64 for float64 inputs). Complex ``A`` is not supported.
 
 Forms: ``recurrent`` (the loop above, the ground truth) and ``chunk`` (a loop over chunks of
-``chunk_size`` steps; inside a chunk the state recurrence is a log-depth scan,
-:func:`seqvision.kernels.linear_recurrence.scan_chunk`, vectorised over the chunk's steps). The
-chunk form only multiplies gates and adds, never divides by a cumulative gate, so it is exact for
-any decay.
+``chunk_size`` steps: the gates ``exp(delta A)`` and inputs ``delta B u`` are built for a whole chunk
+at once, then the state runs through the chunk either one fused multiply-add per step, when a
+step's (batch, D, N) state is large enough to keep the CPU busy, or as a log-depth scan vectorised
+over the chunk's steps (:func:`seqvision.kernels.linear_recurrence.scan_chunk`) for small states).
+The chunk form only multiplies gates and adds, never divides by a cumulative gate, so it is exact
+for any decay.
 
 ``backend="triton"`` (or ``"auto"`` on CUDA tensors) runs a fused kernel for float32, float16 and
 bfloat16 inputs: one program per (batch, block of channels), walking the sequence with the (channels,
@@ -146,10 +148,27 @@ def _chunk_form(u, delta, A, B, C, chunk_size):
         step = delta[chunk, ..., None]  # (c, batch, G, D/G, 1)
         gates = (step * A).exp()
         inputs = step * u[chunk, ..., None] * (B[chunk] if B.shape[0] > 1 else B)
-        hs = scan_chunk(gates, inputs, h)
+        stepwise = inputs[0].numel() >= _STEPWISE_SLAB
+        hs = _steps(gates, inputs, h) if stepwise else scan_chunk(gates, inputs, h)
         ys.append(_read_out(hs, C[chunk] if C.shape[0] > 1 else C))
         h = hs[-1]
     return torch.cat(ys), h
+
+
+# A step's state (batch, D, N) from this many numbers up is updated one step at a time inside a chunk:
+# one fused multiply-add per step over a slab that stays in cache is cheaper than the log-depth scan's
+# extra passes over the whole chunk, and Python's per-step cost is small next to the slab's.
+_STEPWISE_SLAB = 4096
+
+
+def _steps(gates: torch.Tensor, inputs: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
+    """h_t = gates_t h_{t-1} + inputs_t along dim 0 of one chunk (C, ...), from ``carry`` (or 0)."""
+    h = carry
+    states = []
+    for gate, x in zip(gates, inputs, strict=True):
+        h = x if h is None else torch.addcmul(x, gate, h)
+        states.append(h)
+    return torch.stack(states)
 
 
 def _read_out(h: torch.Tensor, C: torch.Tensor) -> torch.Tensor:

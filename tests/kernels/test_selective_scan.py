@@ -1,5 +1,7 @@
 """selective_scan: the chunk form and the recurrent form against mamba-ssm's semantics written as a loop."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,6 +70,16 @@ BC_KINDS = [
 ]
 
 
+@pytest.fixture(params=["log-depth", "stepwise"])
+def chunk_path(request, monkeypatch):
+    """Run the chunk form through both of its in-chunk paths: the log-depth scan (small states) and
+    the step-by-step update (states of at least _STEPWISE_SLAB numbers, lowered here to 1)."""
+    if request.param == "stepwise":
+        monkeypatch.setattr(importlib.import_module("seqvision.kernels.selective_scan"), "_STEPWISE_SLAB", 1)
+    return request.param
+
+
+@pytest.mark.usefixtures("chunk_path")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 @pytest.mark.parametrize(("b_kind", "c_kind"), BC_KINDS)
@@ -106,6 +118,7 @@ def test_optional_terms(options):
         assert relative_error(out, expected) < 1e-9
 
 
+@pytest.mark.usefixtures("chunk_path")
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 16, 64, 500])
 def test_chunk_size_does_not_change_the_result(chunk_size):
     x = make_inputs(2, 6, 65, 4, "grouped", "input")
@@ -113,6 +126,7 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
     assert relative_error(selective_scan(**x, chunk_size=chunk_size), expected) < 1e-9
 
 
+@pytest.mark.usefixtures("chunk_path")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_strong_decay_stays_exact(dtype):
     # delta * A down to -2000 per step: exp of a cumulative sum over a chunk would overflow.
@@ -123,6 +137,7 @@ def test_strong_decay_stays_exact(dtype):
     assert relative_error(out, expected) < TOL[dtype]
 
 
+@pytest.mark.usefixtures("chunk_path")
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 @pytest.mark.parametrize(("b_kind", "c_kind"), [("fixed", "input"), ("grouped", "grouped")])
 def test_gradcheck(form, b_kind, c_kind):
