@@ -18,6 +18,7 @@ from .data import (
     write_cremi,
 )
 from .synthetic import synthetic_em_volume
+from .tokenunify import TokenUnify
 
 __all__ = [
     "CREMI_RESOLUTION",
@@ -26,6 +27,7 @@ __all__ = [
     "EMAugment",
     "EMCropDataset",
     "LazyVolume",
+    "TokenUnify",
     "open_volume",
     "read_labels",
     "read_volume",

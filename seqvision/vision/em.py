@@ -222,6 +222,7 @@ class EMMambaEncoder(nn.Module):
     """
 
     global_pools = ("avg", "")
+    _no_split_modules = ("EMMambaStage",)  # FSDP auto-wrap unit (Accelerate reads this)
 
     def __init__(
         self,
@@ -428,6 +429,8 @@ class EMSegMamba(nn.Module):
     ``forward`` returns sigmoid affinities in (0, 1) (channels z, y, x for ``out_chans=3``);
     ``forward_logits`` the values before the sigmoid.
     """
+
+    _no_split_modules = ("EMMambaStage",)  # FSDP auto-wrap unit (Accelerate reads this)
 
     def __init__(
         self,

@@ -516,6 +516,7 @@ class VisionMamba(TokenBackbone):
     """
 
     global_pools = ("token", "avg", "")
+    _no_split_modules = ("MambaBlock",)  # FSDP auto-wrap unit (Accelerate reads this)
     stem_pattern = r"^cls_token|pos_embed|patch_embed"
 
     def __init__(
@@ -700,6 +701,8 @@ class VMamba(nn.Module):
     ``forward`` returns logits
     (B, num_classes), ``forward_features`` the normalised last map (B, dims[-1], H/32, W/32).
     """
+
+    _no_split_modules = ("VMambaStage",)  # FSDP auto-wrap unit (Accelerate reads this)
 
     def __init__(
         self,

@@ -1,0 +1,241 @@
+"""TokenUnify pretraining on EM volumes: a YAML config -> model + data -> the shared loop -> encoder weights.
+
+``pretrain(config)`` reads a config with three sections,
+
+``model``   keyword arguments of ``TokenUnify`` (``encoder`` is a registered ``emmamba_*`` name;
+            ``encoder_kwargs`` go to ``timm.create_model``, e.g. smaller ``dims`` / ``depths``);
+``data``    ``volumes``: raw EM volumes (paths or ``"file.h5:volumes/raw"`` strings; HDF5, zarr, TIFF,
+            .npy); when empty, one synthetic volume from ``synthetic_em_volume(**synthetic)``.
+            ``augment``: true, false or ``EMAugment`` arguments. The other keys go to
+            ``EMCropDataset`` (``samples_per_epoch``, ``voxel_size``, ``pad``, ``scaling``,
+            ``in_memory``); its crop size is the model's and its seed the training seed;
+``train``   ``LoopConfig`` fields (steps, batch size, optimizer, schedule, checkpoints, ...),
+
+builds ``TokenUnify`` (after seeding, so every process starts from the same weights) and an
+``EMCropDataset``, runs ``seqvision.pretrain.loop.train`` and finally writes the encoder's weights to
+``<output_dir>/encoder.safetensors`` under timm's keys, atomically:
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **encoder_kwargs)``
+loads them, and so does ``create_em_segmenter(name, pretrained_encoder=...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import save_file
+
+from .data import EMAugment, EMCropDataset
+from .loop import LoopConfig, LoopState, TrainResult, train
+from .synthetic import synthetic_em_volume
+from .tokenunify import OBJECTIVES, TokenUnify
+
+__all__ = ["CONFIG_FILE", "ENCODER_FILE", "build_dataset", "export_encoder", "load_config", "pretrain"]
+
+_logger = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.safetensors"
+CONFIG_FILE = "config.yaml"
+_SECTIONS = ("model", "data", "train")
+_DATA_KEYS = {
+    "volumes",
+    "synthetic",
+    "augment",
+    "samples_per_epoch",
+    "voxel_size",
+    "pad",
+    "scaling",
+    "in_memory",
+}
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def load_config(config: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> dict:
+    """Read a YAML file (or copy a mapping) and apply ``"section.key=value"`` overrides.
+
+    Override values are parsed as YAML (``train.steps=20``, ``model.crop_size=[16,32,32]``,
+    ``train.keep_last=null``); a dotted key creates the nested mappings it names. Only the sections
+    ``model``, ``data`` and ``train`` are allowed, so that a typo is an error, not an ignored key.
+    """
+    if isinstance(config, Mapping):
+        values = copy.deepcopy(dict(config))
+    else:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: {path}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {path} must hold a mapping with sections {_SECTIONS}")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} must look like section.key=value")
+        *parents, leaf = key.split(".")
+        node = values
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: {name!r} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    unknown = sorted(set(values) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"config: unknown section(s) {unknown}; expected {list(_SECTIONS)}")
+    for section in _SECTIONS:
+        values.setdefault(section, {})
+        if not isinstance(values[section], dict):
+            raise ValueError(f"config: section {section!r} must be a mapping, got {values[section]!r}")
+    unknown = sorted(set(values["data"]) - _DATA_KEYS)
+    if unknown:
+        raise ValueError(f"config: unknown data option(s) {unknown}; known: {sorted(_DATA_KEYS)}")
+    return values
+
+
+def _write_yaml_atomic(path: Path, values: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(dict(values), sort_keys=False))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ model, data
+
+
+def build_dataset(data: Mapping[str, Any], crop_size: Sequence[int], seed: int) -> EMCropDataset:
+    """The ``EMCropDataset`` a config's ``data`` section describes (a synthetic volume when it names none)."""
+    data = dict(data)
+    volumes = data.pop("volumes", None) or []
+    synthetic = data.pop("synthetic", None) or {}
+    augment = data.pop("augment", True)
+    if isinstance(augment, Mapping):
+        augment = EMAugment(**augment)
+    if not volumes:
+        synthetic = {"shape": (32, 256, 256), "seed": 0, **synthetic}
+        synthetic["shape"] = tuple(synthetic["shape"])
+        _logger.info("data: no volumes given, training on a synthetic volume %s", synthetic)
+        volumes = [synthetic_em_volume(**synthetic)[0]]
+        if "voxel_size" in synthetic:
+            data.setdefault("voxel_size", synthetic["voxel_size"])
+    return EMCropDataset(volumes, crop_size=tuple(crop_size), seed=seed, augment=augment, **data)
+
+
+def _needs_unused_parameters(model: TokenUnify) -> bool:
+    """Whether some parameters miss a gradient on some steps (DDP must then look for them)."""
+    return model.schedule != "joint" or set(model.objectives) != set(OBJECTIVES)
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def _encoder_state(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # The shards are gathered by a collective: every process calls this, the main one gets all.
+        full = accelerator.get_state_dict(model)
+        return {k.removeprefix("encoder."): v for k, v in (full or {}).items() if k.startswith("encoder.")}
+    return accelerator.unwrap_model(model).encoder_state_dict()
+
+
+def export_encoder(
+    accelerator: Accelerator, model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str]
+) -> Path:
+    """Write the encoder's weights (timm keys) to ``path`` as safetensors; call on every process.
+
+    The main process writes a temporary file next to ``path`` and renames it, so an existing export
+    is replaced only by a complete one.
+    """
+    path = Path(path)
+    state = _encoder_state(accelerator, model)
+    if accelerator.is_main_process:
+        # Own contiguous CPU copies: safetensors refuses tensors that share storage.
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _logger.info("wrote the encoder's weights (%d tensors) to %s", len(tensors), path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+# ------------------------------------------------------------------------------------------- pretrain
+
+
+def pretrain(
+    config: str | os.PathLike | Mapping[str, Any],
+    resume: str | os.PathLike | None = None,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    on_step_end: Callable[[LoopState, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Pretrain a TokenUnify encoder as ``config`` says; call on every process of a launch.
+
+    Args:
+        config: a YAML file or a mapping with ``model``, ``data`` and ``train`` sections.
+        resume: None, 'latest' (newest complete checkpoint in the output folder, or a fresh start)
+            or a checkpoint folder.
+        output_dir: replaces ``train.output_dir``.
+        overrides: ``"section.key=value"`` strings applied to the config (see ``load_config``).
+        on_step_end: passed to the loop (called after every step on every process).
+
+    Returns:
+        The loop's ``TrainResult``; the encoder weights are at ``result.output_dir / ENCODER_FILE``
+        and the config as run at ``result.output_dir / CONFIG_FILE``.
+    """
+    values = load_config(config, overrides)
+    if output_dir is not None:
+        values["train"]["output_dir"] = str(output_dir)
+    model_args = dict(values["model"])
+    encoder = model_args.setdefault("encoder", "emmamba_base")
+    if not isinstance(encoder, str):
+        raise ValueError(f"config: model.encoder must be a registered encoder name, got {encoder!r}")
+    loop_config = LoopConfig.from_dict(values["train"])
+
+    # Same seed on every process: identical initial weights (the loop then offsets the seed per rank).
+    set_seed(loop_config.seed)
+    model = TokenUnify(**model_args)
+    if "find_unused_parameters" not in values["train"]:
+        loop_config.find_unused_parameters = _needs_unused_parameters(model)
+    dataset = build_dataset(values["data"], model.crop_size, loop_config.seed)
+
+    output = Path(loop_config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    resolved = {**values, "train": loop_config.to_dict()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        # Through JSON: tuples become lists and paths strings, which safe_dump can write.
+        _write_yaml_atomic(output / CONFIG_FILE, json.loads(json.dumps(resolved, default=str)))
+    _logger.info(
+        "TokenUnify on %s: %.2f M parameters (encoder %.2f M), %d tokens per crop %s",
+        encoder,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        sum(p.numel() for p in model.encoder.parameters()) / 1e6,
+        model.num_tokens,
+        model.crop_size,
+    )
+
+    metadata = {"encoder": encoder, "encoder_kwargs": json.dumps(model_args.get("encoder_kwargs") or {})}
+
+    def on_train_end(accelerator: Accelerator, prepared: nn.Module, state: LoopState) -> None:
+        export_encoder(accelerator, prepared, output / ENCODER_FILE, {**metadata, "step": str(state.step)})
+
+    return train(
+        model,
+        dataset,
+        loop_config,
+        resume=resume,
+        on_step_end=on_step_end,
+        on_train_end=on_train_end,
+        hparams={"model": model_args, "data": values["data"]},
+    )
