@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
+from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from seqvision.kernels._common import check_positive_int
 
 __all__ = [
+    "PatchTokenBackbone",
     "ScanMixer",
     "TokenBackbone",
     "build_backbone",
@@ -260,3 +261,30 @@ class TokenBackbone(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return take_indices
+
+
+class PatchTokenBackbone(TokenBackbone):
+    """A TokenBackbone whose tokens are timm ``PatchEmbed`` patches (``output_fmt="NHWC"``) plus a
+    learned position per patch, and an optional class token appended LAST.
+
+    A subclass sets ``patch_embed``, ``patch_size``, ``pos_embed`` (1, N, D) over the patches only,
+    ``cls_token`` (1, 1, D) or None, ``pos_drop`` and ``dynamic_img_size``.
+    """
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image (B, C, H, W) -> tokens (B, N (+1), D) with the class token last, and the patch grid."""
+        if not isinstance(x, torch.fx.Proxy):  # the checks branch on shapes, which fx cannot trace
+            fixed = None if self.dynamic_img_size else self.patch_embed.img_size
+            check_image(x, self.in_chans, 2, self.patch_size, fixed, self.patch_embed.dynamic_img_pad)
+        x = self.patch_embed(x)  # (B, h, w, D)
+        if self.dynamic_img_size:
+            grid = (x.shape[1], x.shape[2])
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0
+            )
+        else:
+            grid, pos_embed = self.patch_embed.grid_size, self.pos_embed
+        x = x.flatten(1, 2) + pos_embed
+        if self.cls_token is not None:
+            x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)
+        return self.pos_drop(x), grid

@@ -88,7 +88,6 @@ from timm.layers import (
     PatchEmbed,
     RmsNorm,
     register_notrace_module,
-    resample_abs_pos_embed,
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -106,7 +105,7 @@ from seqvision.kernels import (
 )
 from seqvision.kernels._common import check_positive_int
 
-from .base import ScanMixer, TokenBackbone, build_backbone, check_image, default_cfg, init_linear
+from .base import PatchTokenBackbone, ScanMixer, build_backbone, check_image, default_cfg, init_linear
 from .vir import checkpoint_filter_fn as _pos_embed_filter_fn
 
 __all__ = [
@@ -507,7 +506,7 @@ def set_scan_form(model: nn.Module, form: str, chunk_size: int | None = None) ->
 # ----------------------------------------------------------------------------------------------
 
 
-class VisionMamba(TokenBackbone):
+class VisionMamba(PatchTokenBackbone):
     """Vim backbone with timm's model interface.
 
     Input (B, in_chans, H, W); ``forward`` returns logits (B, num_classes), ``forward_features`` the
@@ -610,24 +609,6 @@ class VisionMamba(TokenBackbone):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N + P, D) -> (B, D): the class token ('token'), the patch mean ('avg'), or all ('')."""
         return x[:, -1] if self.global_pool == "token" else super().pool(x)
-
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image (B, C, H, W) -> tokens (B, N (+1), D) with the class token last, and the patch grid."""
-        if not isinstance(x, torch.fx.Proxy):  # the checks branch on shapes, which fx cannot trace
-            fixed = None if self.dynamic_img_size else self.patch_embed.img_size
-            check_image(x, self.in_chans, 2, self.patch_size, fixed, self.patch_embed.dynamic_img_pad)
-        x = self.patch_embed(x)  # (B, h, w, D)
-        if self.dynamic_img_size:
-            grid = (x.shape[1], x.shape[2])
-            pos_embed = resample_abs_pos_embed(
-                self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0
-            )
-        else:
-            grid, pos_embed = self.patch_embed.grid_size, self.pos_embed
-        x = x.flatten(1, 2) + pos_embed
-        if self.cls_token is not None:
-            x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)
-        return self.pos_drop(x), grid
 
     def _run_blocks(self, x: torch.Tensor, grid: tuple[int, ...], blocks: nn.Sequential) -> torch.Tensor:
         if self.cls_token is None:

@@ -52,11 +52,10 @@ from timm.models import generate_default_cfgs, register_model
 from seqvision.kernels import compute_dtype, linear_attention
 
 from .base import (
+    PatchTokenBackbone,
     ScanMixer,
-    TokenBackbone,
     build_backbone,
     check_chunk_size,
-    check_image,
     default_cfg,
     init_linear,
 )
@@ -177,7 +176,7 @@ class RetentionBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-class VisionRetentionNet(TokenBackbone):
+class VisionRetentionNet(PatchTokenBackbone):
     """ViR backbone with timm's model interface.
 
     Input (B, in_chans, H, W); ``forward`` returns logits (B, num_classes), ``forward_features``
@@ -295,24 +294,6 @@ class VisionRetentionNet(TokenBackbone):
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
-
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Image (B, C, H, W) -> tokens (B, N (+1), D) with the class token last, and the patch grid."""
-        if not isinstance(x, torch.fx.Proxy):  # the checks branch on shapes, which fx cannot trace
-            fixed = None if self.dynamic_img_size else self.patch_embed.img_size
-            check_image(x, self.in_chans, 2, self.patch_size, fixed, self.patch_embed.dynamic_img_pad)
-        x = self.patch_embed(x)  # (B, h, w, D)
-        if self.dynamic_img_size:
-            grid = (x.shape[1], x.shape[2])
-            pos_embed = resample_abs_pos_embed(
-                self.pos_embed, grid, self.patch_embed.grid_size, num_prefix_tokens=0
-            )
-        else:
-            grid, pos_embed = self.patch_embed.grid_size, self.pos_embed
-        x = x.flatten(1, 2) + pos_embed
-        if self.cls_token is not None:
-            x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)
-        return self.pos_drop(x), grid
 
     @torch.no_grad()
     def forward_streaming(self, x: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
