@@ -70,7 +70,7 @@ from torch.utils.checkpoint import checkpoint
 from seqvision.kernels._common import check_positive_int
 
 from .base import default_cfg
-from .mamba import MambaBlock, mamba_no_weight_decay, set_scan_form
+from .mamba import MambaBlock, MambaStagesMixin, mamba_no_weight_decay
 
 __all__ = [
     "EM_ENCODERS",
@@ -212,7 +212,7 @@ class EMMambaStage(nn.Module):
         return tokens.transpose(1, 2).reshape(batch, channels, *grid)
 
 
-class EMMambaEncoder(nn.Module):
+class EMMambaEncoder(MambaStagesMixin, nn.Module):
     """TokenUnify's EM encoder with timm's model interface.
 
     Input (B, in_chans, Z, Y, X), every size divisible by 16. ``forward_intermediates`` returns the
@@ -284,22 +284,9 @@ class EMMambaEncoder(nn.Module):
     # configuration
     # ------------------------------------------------------------------------------------------
 
-    def set_scan_form(self, form: str, chunk_size: int | None = None) -> None:
-        """Run every scan mixer in ``form`` with ``chunk_size`` tokens per chunk; outputs do not change."""
-        set_scan_form(self, form, chunk_size)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return mamba_no_weight_decay(self)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^stem", blocks=[(r"^(?:stages|skip_heads)\.(\d+)", None)])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -112,6 +112,7 @@ __all__ = [
     "SCAN_DIRECTIONS",
     "MambaBlock",
     "MambaMixer",
+    "MambaStagesMixin",
     "PatchMerging2d",
     "VMamba",
     "VMambaStage",
@@ -501,6 +502,24 @@ def set_scan_form(model: nn.Module, form: str, chunk_size: int | None = None) ->
             mixer.set_form(form, chunk_size)
 
 
+class MambaStagesMixin:
+    """The configuration half of timm's contract for hierarchical Mamba models whose ``stages``
+    (each with a ``grad_checkpointing`` flag) hold the scan mixers: VMamba and the EM encoder."""
+
+    def set_scan_form(self, form: str, chunk_size: int | None = None) -> None:
+        """Run every scan mixer in ``form`` with ``chunk_size`` tokens per chunk; outputs do not change."""
+        set_scan_form(self, form, chunk_size)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return mamba_no_weight_decay(self)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+
 # ----------------------------------------------------------------------------------------------
 # Vim: isotropic, bidirectional, class token in the middle
 # ----------------------------------------------------------------------------------------------
@@ -675,7 +694,7 @@ class VMambaStage(nn.Module):
         return tokens.transpose(1, 2).reshape(batch, channels, height, width)
 
 
-class VMamba(nn.Module):
+class VMamba(MambaStagesMixin, nn.Module):
     """VMamba backbone with timm's model interface.
 
     Input (B, in_chans, H, W), any size of at least 4x4 pixels (``dynamic_img_size`` is always on);
@@ -751,14 +770,6 @@ class VMamba(nn.Module):
     # configuration
     # ------------------------------------------------------------------------------------------
 
-    def set_scan_form(self, form: str, chunk_size: int | None = None) -> None:
-        """Run every scan mixer in ``form`` with ``chunk_size`` tokens per chunk; outputs do not change."""
-        set_scan_form(self, form, chunk_size)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return mamba_no_weight_decay(self)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
@@ -771,11 +782,6 @@ class VMamba(nn.Module):
                 (r"^norm", (99999,)),
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
