@@ -32,14 +32,9 @@ def _check(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     failed = sum(not r.ok for r in rows)
-    lines.append(
-        f"\n{len(rows) - failed} of {len(rows)} checks within tolerance ({args.dtype}, seed {args.seed})"
-    )
-    print("\n".join(lines))
+    print(_format_table(table))
+    print(f"\n{len(rows) - failed} of {len(rows)} checks within tolerance ({args.dtype}, seed {args.seed})")
     return 1 if failed else 0
 
 
@@ -96,6 +91,77 @@ def _pretrain(args: argparse.Namespace) -> int:
             f"encoder weights: {result.output_dir / ENCODER_FILE}; last checkpoint: {result.checkpoint}"
         )
     return 0
+
+
+def _finetune_seg(args: argparse.Namespace) -> int:
+    from seqvision.eval.em_finetune import prepare_finetune, run_finetune
+    from seqvision.pretrain.loop import NonFiniteLossError
+
+    _configure_logging()
+    try:  # the config, its files and the encoder export are checked before any training
+        job = prepare_finetune(args.config, output_dir=args.output_dir, overrides=args.set)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"seqvision finetune-seg: {err}", file=sys.stderr)
+        return 2
+    last: dict[str, float] = {}
+    try:
+        path = run_finetune(job, resume=args.resume, on_step_end=lambda state, logged: last.update(logged))
+    except NonFiniteLossError as err:
+        print(f"seqvision finetune-seg: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = f" (loss {last['loss']:.4g})" if "loss" in last else ""
+        print(f"fine-tuned {job.loop.steps} steps{loss}; segmenter: {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from seqvision.eval.em_demo import FULL, QUICK, run_demo
+
+    if args.seed < 0 or (args.threads is not None and args.threads < 1):
+        print("seqvision demo: --seed must be >= 0 and --threads >= 1", file=sys.stderr)
+        return 2
+    _configure_logging()
+    settings = QUICK if args.quick else FULL
+    if args.threads is not None:
+        settings = dataclasses.replace(settings, threads=args.threads)
+    try:
+        result = run_demo(args.output_dir, seed=args.seed, settings=settings)
+    except FileNotFoundError as err:
+        print(f"seqvision demo: {err}", file=sys.stderr)
+        return 2
+    header = ("model", "VOI split", "VOI merge", "VOI sum", "ARAND", "segments")
+    table = [header] + [
+        (
+            row.label,
+            f"{row.scores.voi_split:.4f}",
+            f"{row.scores.voi_merge:.4f}",
+            f"{row.scores.voi_sum:.4f}",
+            f"{row.scores.arand:.4f}",
+            str(row.scores.n_segments),
+        )
+        for row in result.rows
+    ]
+    print(_format_table(table))
+    settings = result.settings
+    print(
+        f"\nheld-out synthetic volume {'x'.join(map(str, settings.test_shape))} (seed {result.seed + 1}), "
+        f"agglomeration threshold {settings.thresholds[0]:g}; {settings.pretrain_steps} pretraining "
+        f"steps, {settings.finetune_steps} fine-tuning steps per model; {result.seconds['total']:.0f} s"
+    )
+    for name in ("results_csv", "results_json", "figure_scratch", "figure_tokenunify"):
+        print(f"wrote {result.files[name]}")
+    return 0
+
+
+def _format_table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, a rule under the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _configure_logging() -> None:
@@ -166,6 +232,22 @@ def _eval_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_training_arguments(parser: argparse.ArgumentParser, example_config: str, example_set: str) -> None:
+    """--config, --resume, --output-dir and --set: what every training command takes."""
+    parser.add_argument("--config", required=True, help=f"a YAML file, e.g. {example_config}")
+    parser.add_argument(
+        "--resume", default=None, help="'latest' (newest complete checkpoint, if any) or a checkpoint folder"
+    )
+    parser.add_argument("--output-dir", default=None, help="replaces train.output_dir")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a config value (YAML syntax), e.g. --set {example_set}; repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqvision", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,21 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
         "pretrain",
         help="TokenUnify pretraining of an EM encoder (run it under accelerate launch or torchrun)",
     )
-    pre.add_argument(
-        "--config", required=True, help="a YAML file, e.g. configs/pretrain/tokenunify_em_tiny.yaml"
-    )
-    pre.add_argument(
-        "--resume", default=None, help="'latest' (newest complete checkpoint, if any) or a checkpoint folder"
-    )
-    pre.add_argument("--output-dir", default=None, help="replaces train.output_dir")
-    pre.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (YAML syntax), e.g. --set train.steps=20; repeatable",
-    )
+    _add_training_arguments(pre, "configs/pretrain/tokenunify_em_tiny.yaml", "train.steps=20")
     pre.set_defaults(run=_pretrain)
+    finetune = commands.add_parser(
+        "finetune-seg",
+        help="fine-tune the EM affinity segmenter, from a pretrained encoder or from scratch",
+    )
+    _add_training_arguments(
+        finetune, "configs/finetune/em_seg_tiny.yaml", "model.pretrained_encoder=enc.safetensors"
+    )
+    finetune.set_defaults(run=_finetune_seg)
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: TokenUnify pretraining vs scratch on synthetic EM, segmented and scored",
+    )
+    demo.add_argument("--output-dir", default="seqvision_demo", help="default: ./seqvision_demo")
+    demo.add_argument("--quick", action="store_true", help="about one minute: smaller volumes, fewer steps")
+    demo.add_argument("--seed", type=int, default=0, help="training seed; the held-out volume uses seed + 1")
+    demo.add_argument("--threads", type=int, default=None, help="torch threads (default 1, see docs/EM.md)")
+    demo.set_defaults(run=_demo)
     segment = commands.add_parser(
         "segment", help="EM neuron segmentation: sliding-window affinities, watershed, agglomeration"
     )

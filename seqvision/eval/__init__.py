@@ -10,6 +10,10 @@
 - ``em_postprocess``: watershed fragments and agglomeration (waterz, or a NumPy fallback).
 - ``em_metrics``: variation of information (split / merge) and adapted Rand error.
 - ``em_figure``: a picture of raw, affinities, segmentation and ground truth.
+- ``em_finetune``: fine-tuning the segmenter from a YAML config on the shared training loop
+  (``finetune_segmenter``, behind ``seqvision finetune-seg``).
+- ``em_demo``: pretraining vs scratch end to end on synthetic volumes (``run_demo``, behind
+  ``seqvision demo``).
 
 See docs/EM.md for running it on CREMI-format data.
 """
@@ -23,6 +27,7 @@ from .em_checkpoint import (
     save_segmenter,
 )
 from .em_figure import save_segmentation_figure
+from .em_finetune import SEGMENTER_FILE, finetune_segmenter, prepare_finetune, run_finetune
 from .em_metrics import (
     SegmentationScores,
     adapted_rand_error,
@@ -48,6 +53,7 @@ from .em_segmentation import (
 __all__ = [
     "AFFINITIES_KEY",
     "CHECKPOINT_FORMAT",
+    "SEGMENTER_FILE",
     "AffinityLoss",
     "AffinityModel",
     "SegmentFileResult",
@@ -61,9 +67,12 @@ __all__ = [
     "contingency_table",
     "evaluate_files",
     "evaluate_segmentation",
+    "finetune_segmenter",
     "load_segmenter",
     "predict_affinities",
+    "prepare_finetune",
     "read_segmenter_config",
+    "run_finetune",
     "save_segmentation_figure",
     "save_segmenter",
     "segment_affinities",

@@ -141,12 +141,15 @@ def _expected_state(config: SegmenterConfig) -> dict[str, torch.Tensor]:
 
 
 def save_segmenter(
-    segmenter: nn.Module, path: str | os.PathLike, config: SegmenterConfig | Mapping[str, Any]
+    segmenter: nn.Module | Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    config: SegmenterConfig | Mapping[str, Any],
 ) -> Path:
     """Write ``segmenter``'s weights and architecture as one safetensors file, atomically.
 
     Args:
-        segmenter: an ``EMSegMamba`` (an ``AffinityModel``'s ``.segmenter``).
+        segmenter: an ``EMSegMamba`` (an ``AffinityModel``'s ``.segmenter``) or its state dict
+            (e.g. gathered from FSDP shards).
         path: the ``.safetensors`` file to write.
         config: the ``SegmenterConfig`` it was built from; checked against the weights, so that
             every file written here loads back.
@@ -157,7 +160,8 @@ def save_segmenter(
     from safetensors.torch import save_file
 
     config = _as_config(config)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in segmenter.state_dict().items()}
+    weights = segmenter.state_dict() if isinstance(segmenter, nn.Module) else segmenter
+    state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     problem = _state_mismatch(state, _expected_state(config))
     if problem:
         raise ValueError(f"segmenter does not match config {config.to_dict()}: {problem}")

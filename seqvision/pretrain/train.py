@@ -20,7 +20,6 @@ loads them, and so does ``create_em_segmenter(name, pretrained_encoder=...)``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -30,14 +29,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import save_file
 
+from .config import CONFIG_FILE, load_sections, synthetic_volume, write_config
 from .data import EMAugment, EMCropDataset
 from .loop import LoopConfig, LoopState, TrainResult, train
-from .synthetic import synthetic_em_volume
 from .tokenunify import OBJECTIVES, TokenUnify
 
 __all__ = ["CONFIG_FILE", "ENCODER_FILE", "build_dataset", "export_encoder", "load_config", "pretrain"]
@@ -45,7 +43,6 @@ __all__ = ["CONFIG_FILE", "ENCODER_FILE", "build_dataset", "export_encoder", "lo
 _logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.safetensors"
-CONFIG_FILE = "config.yaml"
 _SECTIONS = ("model", "data", "train")
 _DATA_KEYS = {
     "volumes",
@@ -69,43 +66,7 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], overrides: Sequen
     ``train.keep_last=null``); a dotted key creates the nested mappings it names. Only the sections
     ``model``, ``data`` and ``train`` are allowed, so that a typo is an error, not an ignored key.
     """
-    if isinstance(config, Mapping):
-        values = copy.deepcopy(dict(config))
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config: {path} must hold a mapping with sections {_SECTIONS}")
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {override!r} must look like section.key=value")
-        *parents, leaf = key.split(".")
-        node = values
-        for name in parents:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {override!r}: {name!r} is not a section")
-        node[leaf] = yaml.safe_load(text)
-    unknown = sorted(set(values) - set(_SECTIONS))
-    if unknown:
-        raise ValueError(f"config: unknown section(s) {unknown}; expected {list(_SECTIONS)}")
-    for section in _SECTIONS:
-        values.setdefault(section, {})
-        if not isinstance(values[section], dict):
-            raise ValueError(f"config: section {section!r} must be a mapping, got {values[section]!r}")
-    unknown = sorted(set(values["data"]) - _DATA_KEYS)
-    if unknown:
-        raise ValueError(f"config: unknown data option(s) {unknown}; known: {sorted(_DATA_KEYS)}")
-    return values
-
-
-def _write_yaml_atomic(path: Path, values: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(dict(values), sort_keys=False))
-    os.replace(tmp, path)
+    return load_sections(config, overrides, sections=_SECTIONS, known_keys={"data": _DATA_KEYS})
 
 
 # ------------------------------------------------------------------------------------------ model, data
@@ -115,15 +76,14 @@ def build_dataset(data: Mapping[str, Any], crop_size: Sequence[int], seed: int) 
     """The ``EMCropDataset`` a config's ``data`` section describes (a synthetic volume when it names none)."""
     data = dict(data)
     volumes = data.pop("volumes", None) or []
-    synthetic = data.pop("synthetic", None) or {}
+    synthetic = data.pop("synthetic", None)
     augment = data.pop("augment", True)
     if isinstance(augment, Mapping):
         augment = EMAugment(**augment)
     if not volumes:
-        synthetic = {"shape": (32, 256, 256), "seed": 0, **synthetic}
-        synthetic["shape"] = tuple(synthetic["shape"])
+        raw, _, synthetic = synthetic_volume(synthetic)
         _logger.info("data: no volumes given, training on a synthetic volume %s", synthetic)
-        volumes = [synthetic_em_volume(**synthetic)[0]]
+        volumes = [raw]
         if "voxel_size" in synthetic:
             data.setdefault("voxel_size", synthetic["voxel_size"])
     return EMCropDataset(volumes, crop_size=tuple(crop_size), seed=seed, augment=augment, **data)
@@ -214,8 +174,7 @@ def pretrain(
     output.mkdir(parents=True, exist_ok=True)
     resolved = {**values, "train": loop_config.to_dict()}
     if int(os.environ.get("RANK", "0")) == 0:
-        # Through JSON: tuples become lists and paths strings, which safe_dump can write.
-        _write_yaml_atomic(output / CONFIG_FILE, json.loads(json.dumps(resolved, default=str)))
+        write_config(output / CONFIG_FILE, resolved)
     _logger.info(
         "TokenUnify on %s: %.2f M parameters (encoder %.2f M), %d tokens per crop %s",
         encoder,

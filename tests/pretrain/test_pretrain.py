@@ -36,15 +36,7 @@ FAST = [
 ENCODER_KWARGS = load_config(TINY)["model"]["encoder_kwargs"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One intra-op thread here and in the child processes: the same numerics in both (the resume test
-    # compares them bit for bit), and on a shared 2-core machine several times faster than two
-    # threads waiting for each other at every parallel region.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:
