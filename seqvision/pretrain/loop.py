@@ -83,7 +83,9 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "forward_batch",
+    "gather_outputs",
     "lr_factor",
+    "lr_scale_of",
     "resolve_mixed_precision",
     "train",
 ]
@@ -138,6 +140,11 @@ class LoopConfig:
             model whose active losses change with the step, e.g. TokenUnify's 'alternate' schedule).
         log_with: an Accelerate tracker ('tensorboard', 'wandb', ...) or None for no tracker.
         project_name: the run name under which the trackers log.
+        lr_scales: LR multipliers by parameter-name prefix, e.g. ``{"encoder.": 0.1}`` to fine-tune
+            a pretrained encoder ten times slower than a new head; the longest matching prefix wins,
+            other parameters get 1. Warmup and cosine scale every group alike.
+        eval_every: call ``train``'s ``evaluate`` every this many steps (and always at the last
+            step); None: only at the last step.
     """
 
     steps: int = 1000
@@ -163,6 +170,8 @@ class LoopConfig:
     find_unused_parameters: bool = False
     log_with: str | None = "tensorboard"
     project_name: str = "train"
+    lr_scales: dict[str, float] | None = None
+    eval_every: int | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -173,6 +182,17 @@ class LoopConfig:
             _check_int(name, getattr(self, name), low=0)
         if self.keep_last is not None:
             _check_int("keep_last", self.keep_last, low=1)
+        if self.eval_every is not None:
+            _check_int("eval_every", self.eval_every, low=1)
+        if self.lr_scales is not None:
+            if not isinstance(self.lr_scales, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and v > 0 for k, v in self.lr_scales.items()
+            ):
+                raise ValueError(
+                    "lr_scales must map parameter-name prefixes to multipliers > 0 (freeze a module "
+                    f"in the model instead of scaling its LR to 0), got {self.lr_scales!r}"
+                )
+            self.lr_scales = {k: float(v) for k, v in self.lr_scales.items()}
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.weight_decay < 0:
@@ -225,12 +245,14 @@ class TrainResult:
 
     ``history`` holds one dict per logged step: ``step``, the mean of every loss entry over the steps
     since the previous log (averaged over processes), ``lr``, ``grad_norm``, ``skipped_steps``.
+    ``evaluations`` holds ``{"step": ..., **metrics}`` for every call of ``train``'s ``evaluate``.
     """
 
     state: LoopState
     output_dir: Path
     checkpoint: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
+    evaluations: list[dict[str, float]] = field(default_factory=list)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,24 +283,46 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def lr_scale_of(name: str, lr_scales: Mapping[str, float] | None) -> float:
+    """The LR multiplier of parameter ``name``: the value of the longest prefix of it in ``lr_scales``."""
+    matches = [prefix for prefix in lr_scales or () if name.startswith(prefix)]
+    return lr_scales[max(matches, key=len)] if matches else 1.0
+
+
 def build_optimizer(model: nn.Module, config: LoopConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW with two groups: weight-decayed matrices and kernels, and everything else.
+    """AdamW with a weight-decayed group of matrices and kernels and a group of everything else.
 
     Biases, norm weights, scalars and gates (parameters with fewer than 2 dimensions) and the names
     from ``no_weight_decay()`` (e.g. Mamba's A_log, D) get no weight decay: decaying them pulls
-    scales and decays towards zero instead of regularising the model.
+    scales and decays towards zero instead of regularising the model. With ``config.lr_scales``
+    each of the two groups is split further by LR multiplier; every group records its multiplier
+    as ``"lr_scale"`` (its ``"lr"`` is the peak times that). Frozen parameters are left out.
     """
+    lr = config.lr if lr is None else lr
     skip = _no_weight_decay_names(model)
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr if lr is None else lr, betas=config.betas)
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in skip)
+        groups.setdefault((decay, lr_scale_of(name, config.lr_scales)), []).append(param)
+    # Decayed groups first, then by falling multiplier: without lr_scales, [decay, no decay].
+    order = sorted(groups, key=lambda key: (not key[0], -key[1]))
+    if not order:
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    return torch.optim.AdamW(
+        [
+            {
+                "params": groups[key],
+                "weight_decay": config.weight_decay if key[0] else 0.0,
+                "lr": lr * key[1],
+                "lr_scale": key[1],
+            }
+            for key in order
+        ],
+        lr=lr,
+        betas=config.betas,
+    )
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -690,7 +734,8 @@ def _train_step(
                     problem = _clip_gradients(run, window)
                     if problem is not None and config.nan_policy == "stop":
                         raise NonFiniteLossError(step + 1, problem, last_checkpoint)
-                window.lr = run.optimizer.param_groups[0]["lr"]
+                group = run.optimizer.param_groups[0]
+                window.lr = group["lr"] / group["lr_scale"]  # the schedule's LR, before multipliers
                 if problem is None:
                     run.optimizer.step()
                 run.scheduler.step()
@@ -731,6 +776,7 @@ def train(
     collate_fn: Callable | None = None,
     on_step_end: Callable[[LoopState, dict[str, float]], None] | None = None,
     on_train_end: Callable[[Accelerator, nn.Module, LoopState], None] | None = None,
+    evaluate: Callable[[Accelerator, nn.Module, LoopState], Mapping[str, float]] | None = None,
     hparams: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` for ``config.steps`` optimizer steps; call on every process.
@@ -752,6 +798,11 @@ def train(
         on_train_end: called on every process after the last checkpoint, with the accelerator, the
             prepared model and the final state: the place for exports (write on the main process
             only; under FSDP, ``accelerator.get_state_dict(model)`` is a collective).
+        evaluate: called on every process every ``config.eval_every`` steps and after the last
+            one, with the accelerator, the prepared model (in eval mode, under ``torch.no_grad``)
+            and the state; it returns metrics (the same on every process: gather with
+            ``gather_outputs``), which are logged as ``eval/<name>``, passed to ``on_step_end``
+            with the same prefix and kept in ``TrainResult.evaluations``.
         hparams: extra values recorded with the tracker's hyper-parameters (e.g. the model config).
 
     Returns:
@@ -788,6 +839,7 @@ def train(
         accelerator, run.loader, state.samples_seen // (config.batch_size * accelerator.num_processes)
     )
     history: list[dict[str, float]] = []
+    evaluations: list[dict[str, float]] = []
     last_checkpoint, window = start, _Window()
     progress = tqdm(
         total=config.steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
@@ -809,6 +861,12 @@ def train(
             if state.step % config.save_every == 0 or state.step == config.steps:
                 _check_finite_parameters(accelerator, run.model, state.step)
                 last_checkpoint = checkpoints.save(accelerator, state, layout)
+            if evaluate is not None and (
+                state.step == config.steps or (config.eval_every and state.step % config.eval_every == 0)
+            ):
+                metrics = _evaluate(accelerator, run.model, state, evaluate)
+                evaluations.append(metrics)
+                logged = {**logged, **{f"eval/{k}": v for k, v in metrics.items() if k != "step"}}
             if on_step_end is not None:
                 on_step_end(state, logged)
         if on_train_end is not None:
@@ -817,7 +875,54 @@ def train(
         progress.close()
         batches.close()
         accelerator.end_training()
-    return TrainResult(state, Path(config.output_dir), last_checkpoint, history)
+    return TrainResult(state, Path(config.output_dir), last_checkpoint, history, evaluations)
+
+
+def _evaluate(
+    accelerator: Accelerator,
+    model: nn.Module,
+    state: LoopState,
+    evaluate: Callable[[Accelerator, nn.Module, LoopState], Mapping[str, float]],
+) -> dict[str, float]:
+    """Run ``evaluate`` with the model in eval mode and without gradients, log and return its metrics."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in evaluate(accelerator, model, state).items()}
+    finally:
+        model.train()
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+    _logger.info("eval at step %d: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return {"step": state.step, **metrics}
+
+
+def gather_outputs(
+    accelerator: Accelerator,
+    model: nn.Module,
+    loader: DataLoader,
+    predict: Callable[[nn.Module, Any], Mapping[str, torch.Tensor]],
+    *,
+    desc: str = "eval",
+) -> dict[str, torch.Tensor]:
+    """Run ``predict(model, batch)`` over a loader and gather its outputs from every process.
+
+    ``loader`` must have gone through ``accelerator.prepare``: it then splits the data between the
+    processes, and ``accelerator.gather_for_metrics`` drops the samples it repeated to give every
+    process equally many, so every sample is counted exactly once. ``predict`` returns tensors
+    with the batch on dim 0 (per-sample predictions, labels, indices).
+
+    Returns:
+        ``{name: tensor}`` concatenated over the whole dataset, in loader order, on every process
+        (on the CPU).
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        gathered = accelerator.gather_for_metrics(dict(predict(model, batch)))
+        for name, value in gathered.items():
+            parts.setdefault(name, []).append(value.detach().cpu())
+    if not parts:
+        raise ValueError("the evaluation loader yielded no batch")
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 def _log(accelerator: Accelerator, window: _Window, state: LoopState) -> dict[str, float]:

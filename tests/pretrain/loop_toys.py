@@ -27,7 +27,7 @@ class ToyVolumes(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed((self.seed * 100_003 + self.epoch) * 100_003 + index)
-        return {"raw": torch.rand(1, 4, 4, 4, generator=generator)}
+        return {"raw": torch.rand(1, 4, 4, 4, generator=generator), "index": torch.tensor(index)}
 
 
 class ToyMasked(nn.Module):
@@ -69,6 +69,27 @@ class ToyRegressor(nn.Module):
         return {"loss": ((self.lin(x) * self.gain - x.flip(1)) ** 2).mean()}
 
 
+def evaluate_indices(accelerator, model, state, samples: int = 7) -> dict[str, float]:
+    """Gather the indices of an odd-sized evaluation set (so the processes' shares are uneven) and
+    print them: every index must come back exactly once, on every process."""
+    from torch.utils.data import DataLoader
+
+    from seqvision.pretrain.loop import gather_outputs
+
+    loader = accelerator.prepare(DataLoader(ToyVolumes(samples), batch_size=2))
+    gathered = gather_outputs(
+        accelerator,
+        model,
+        loader,
+        lambda m, batch: {
+            "index": batch["index"],
+            "loss": m(batch["raw"], 0)["loss"].expand(len(batch["index"])),
+        },
+    )
+    print(f"eval indices={sorted(gathered['index'].tolist())}")
+    return {"loss": gathered["loss"].mean().item(), "videos": len(gathered["index"])}
+
+
 def _main(output_dir: str, steps: int, batch_size: int) -> None:
     from accelerate.utils import set_seed
 
@@ -84,7 +105,7 @@ def _main(output_dir: str, steps: int, batch_size: int) -> None:
         output_dir=output_dir,
         log_with=None,
     )
-    result = train(ToyRegressor(), ToyVolumes(16), config)
+    result = train(ToyRegressor(), ToyVolumes(16), config, evaluate=evaluate_indices)
     print(
         f"done step={result.state.step} samples={result.state.samples_seen} loss={result.history[-1]['loss']}"
     )

@@ -25,6 +25,7 @@ from seqvision.pretrain.loop import (
     build_optimizer,
     build_scheduler,
     lr_factor,
+    lr_scale_of,
     train,
 )
 
@@ -111,6 +112,68 @@ def test_no_weight_decay_on_biases_norms_and_listed_names():
     }
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
     assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_lr_scales_split_the_groups_by_longest_prefix(tmp_path):
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = ToyRegressor()
+            self.head = ToyMasked()
+
+    assert lr_scale_of("encoder.lin.weight", {"encoder.": 0.1, "encoder.lin.": 0.5}) == 0.5
+    assert lr_scale_of("encoder.gain", {"encoder.": 0.1, "encoder.lin.": 0.5}) == 0.1
+    assert lr_scale_of("head.out.bias", {"encoder.": 0.1}) == 1.0
+    wrapper = Wrapper()
+    config = _config(
+        tmp_path, steps=10, warmup_steps=2, lr=1e-2, lr_scales={"encoder.": 0.1}, weight_decay=0.05
+    )
+    optimizer = build_optimizer(wrapper, config)
+    by_id = {id(p): n for n, p in wrapper.named_parameters()}
+    groups = [
+        (g["weight_decay"], g["lr_scale"], g["lr"], sorted(by_id[id(p)] for p in g["params"]))
+        for g in optimizer.param_groups
+    ]
+    assert groups == [
+        (0.05, 1.0, 1e-2, ["head.out.weight", "head.proj.weight"]),
+        (0.05, 0.1, pytest.approx(1e-3), ["encoder.lin.weight"]),
+        (0.0, 1.0, 1e-2, ["head.norm.bias", "head.norm.weight", "head.out.bias", "head.proj.bias"]),
+        (0.0, 0.1, pytest.approx(1e-3), ["encoder.gain", "encoder.lin.bias"]),
+    ]
+    # The schedule scales every group alike; the logged LR is the unscaled one.
+    scheduler = build_scheduler(optimizer, config, config.lr)
+    scheduler.step()
+    assert [g["lr"] / g["lr_scale"] for g in optimizer.param_groups] == pytest.approx([1e-2] * 4)
+    with pytest.raises(ValueError, match="lr_scales must map"):
+        LoopConfig(lr_scales={"encoder.": 0})
+    frozen = ToyRegressor().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(frozen, config)
+
+
+def test_evaluate_runs_every_eval_every_steps_and_at_the_end_in_eval_mode(tmp_path):
+    calls = []
+
+    def evaluate(accelerator, model, state):
+        calls.append((state.step, model.training, torch.is_grad_enabled()))
+        return {"score": float(state.step)}
+
+    seen = []
+    config = _config(tmp_path, steps=5, eval_every=2)
+    result = train(
+        ToyRegressor(),
+        ToyVolumes(),
+        config,
+        evaluate=evaluate,
+        on_step_end=lambda s, logged: seen.append(logged),
+    )
+    assert calls == [(2, False, False), (4, False, False), (5, False, False)]
+    assert result.evaluations == [
+        {"step": 2, "score": 2.0},
+        {"step": 4, "score": 4.0},
+        {"step": 5, "score": 5.0},
+    ]
+    assert [logged.get("eval/score") for logged in seen] == [None, 2.0, None, 4.0, 5.0]
 
 
 def test_a_launch_accelerate_does_not_connect_is_refused(monkeypatch):
@@ -275,6 +338,9 @@ def test_two_cpu_processes_train_like_one_with_the_global_batch(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done step=4 samples=16") == 2  # both ranks, global batch 2 x 2
+    # 7 evaluation samples over 2 processes: Accelerate pads one rank's share; gather_outputs drops
+    # the padding, so every process sees every index exactly once.
+    assert result.stdout.count(f"eval indices={list(range(7))}") == 2
 
     checkpoint = tmp_path / "ddp" / "checkpoints" / "step_00000004"
     assert {p.name for p in checkpoint.iterdir()} >= {
