@@ -58,6 +58,18 @@ STATUS = Path("/proc/self/status")
 SLOW_CALL_S = 5.0
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def peak_memory_supported() -> bool:
     """Whether this system lets a process reset and read its peak RSS (Linux ``/proc``)."""
     return CLEAR_REFS.exists() and STATUS.exists()

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from _measure import (
     REPO_ROOT,
     agg_pyplot,
     cpu_busy_fraction,
+    cpu_name,
     markdown_table,
     save_figure_atomic,
     write_csv_atomic,
@@ -109,15 +109,6 @@ def throughput(record: dict, warmup: int) -> tuple[float, float]:
     return voxels / seconds, seconds
 
 
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def plot_loss(history: list[dict], path: Path, title: str) -> None:
     plt = agg_pyplot()
     steps = [h["step"] for h in history]
@@ -152,7 +143,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     busy = cpu_busy_fraction(2.0)
-    machine = f"{_cpu_name()}, {os.cpu_count()} CPUs"
+    machine = f"{cpu_name()}, {os.cpu_count()} CPUs"
     print(f"machine: {machine}, busy {busy:.0%} before the runs (other processes)")
     rows, csv_rows = [], []
     steps = args.warmup_steps + args.timed_steps

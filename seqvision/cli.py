@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,52 +68,83 @@ def _synth_em(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    from seqvision.pretrain.loop import LoopConfig, NonFiniteLossError
-    from seqvision.pretrain.train import ENCODER_FILE, load_config, pretrain
+def _training_command(
+    name: str,
+    args: argparse.Namespace,
+    prepare: Callable[[], Any],
+    run: Callable[[Any], Any],
+    summary: Callable[[Any, Any], str],
+) -> int:
+    """What every training command does: check the config, train, summarise on the first process.
+
+    ``prepare()`` reads and checks everything before training starts (a bad file, section or
+    option is a usage error, exit 2); ``run(job)`` trains (a non-finite loss or a broken dataset
+    ends with exit 1; anything else keeps its traceback); ``summary(job, outcome)`` is printed.
+    """
+    from seqvision.eval.video_data import UnreadableDatasetError
+    from seqvision.pretrain.loop import NonFiniteLossError
 
     _configure_logging()
-    try:  # a bad file, section or option is a usage error; anything later keeps its traceback
-        config = load_config(args.config, args.set)
-        LoopConfig.from_dict(config["train"])
+    try:
+        job = prepare()
     except (FileNotFoundError, ValueError, TypeError) as err:
-        print(f"seqvision pretrain: {err}", file=sys.stderr)
+        print(f"seqvision {name}: {err}", file=sys.stderr)
         return 2
     try:
-        result = pretrain(config, resume=args.resume, output_dir=args.output_dir)
-    except NonFiniteLossError as err:
-        print(f"seqvision pretrain: {err}", file=sys.stderr)
+        outcome = run(job)
+    except (NonFiniteLossError, UnreadableDatasetError) as err:
+        print(f"seqvision {name}: {err}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(job, outcome))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from seqvision.pretrain.loop import LoopConfig
+    from seqvision.pretrain.train import ENCODER_FILE, load_config, pretrain
+
+    def prepare() -> dict:
+        config = load_config(args.config, args.set)
+        LoopConfig.from_dict(config["train"])
+        return config
+
+    def summary(config: dict, result: Any) -> str:
         last = result.history[-1] if result.history else {}
         loss = f", loss {last['loss']:.4g}" if "loss" in last else ""
-        print(
+        return (
             f"pretrained {result.state.step} steps ({result.state.skipped_steps} skipped{loss}); "
             f"encoder weights: {result.output_dir / ENCODER_FILE}; last checkpoint: {result.checkpoint}"
         )
-    return 0
+
+    return _training_command(
+        "pretrain",
+        args,
+        prepare,
+        lambda config: pretrain(config, resume=args.resume, output_dir=args.output_dir),
+        summary,
+    )
 
 
 def _finetune_seg(args: argparse.Namespace) -> int:
     from seqvision.eval.em_finetune import prepare_finetune, run_finetune
-    from seqvision.pretrain.loop import NonFiniteLossError
 
-    _configure_logging()
-    try:  # the config, its files and the encoder export are checked before any training
-        job = prepare_finetune(args.config, output_dir=args.output_dir, overrides=args.set)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        print(f"seqvision finetune-seg: {err}", file=sys.stderr)
-        return 2
     last: dict[str, float] = {}
-    try:
-        path = run_finetune(job, resume=args.resume, on_step_end=lambda state, logged: last.update(logged))
-    except NonFiniteLossError as err:
-        print(f"seqvision finetune-seg: {err}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
+
+    def run(job: Any) -> Any:
+        return run_finetune(job, resume=args.resume, on_step_end=lambda state, logged: last.update(logged))
+
+    def summary(job: Any, path: Any) -> str:
         loss = f" (loss {last['loss']:.4g})" if "loss" in last else ""
-        print(f"fine-tuned {job.loop.steps} steps{loss}; segmenter: {path}")
-    return 0
+        return f"fine-tuned {job.loop.steps} steps{loss}; segmenter: {path}"
+
+    return _training_command(
+        "finetune-seg",
+        args,
+        lambda: prepare_finetune(args.config, output_dir=args.output_dir, overrides=args.set),
+        run,
+        summary,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -154,6 +186,51 @@ def _demo(args: argparse.Namespace) -> int:
     for name in ("results_csv", "results_json", "figure_scratch", "figure_tokenunify"):
         print(f"wrote {result.files[name]}")
     return 0
+
+
+def _finetune_video(args: argparse.Namespace) -> int:
+    from seqvision.eval.video import prepare_video_finetune, run_video_finetune
+
+    def summary(job: Any, outcome: Any) -> str:
+        path, result = outcome
+        lines = [_format_classification(result.evaluations[-1], "validation")] if result.evaluations else []
+        return "\n".join([*lines, f"fine-tuned {result.state.step} steps; model: {path}"])
+
+    return _training_command(
+        "finetune-video",
+        args,
+        lambda: prepare_video_finetune(args.config, output_dir=args.output_dir, overrides=args.set),
+        lambda job: run_video_finetune(job, resume=args.resume),
+        summary,
+    )
+
+
+def _eval_video(args: argparse.Namespace) -> int:
+    from seqvision.eval.video import evaluate_video
+
+    _configure_logging()
+    try:
+        result, _, files = evaluate_video(
+            args.checkpoint, data=args.data, output_dir=args.output_dir, overrides=args.set
+        )
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"seqvision eval-video: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_format_classification(result.report.metrics(), "evaluation"))
+        for path in files.values():
+            print(f"wrote {path}")
+    return 0
+
+
+def _format_classification(metrics: dict[str, float], what: str) -> str:
+    """top-1 / top-5 / mean class accuracy as a two-column table."""
+    rows = [("metric", what)]
+    for key, label in (("top1", "top-1"), ("top5", "top-5"), ("mean_class_accuracy", "mean class acc.")):
+        rows.append((label, f"{100 * metrics[key]:.2f} %"))
+    rows.append(("scored", str(int(metrics["samples"]))))
+    rows.append(("unreadable", str(int(metrics["skipped"]))))
+    return _format_table(rows)
 
 
 def _format_table(rows: list[tuple[str, ...]]) -> str:
@@ -323,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     eval_seg.add_argument("--json", default=None, help="also write the scores to this JSON file (atomically)")
     eval_seg.add_argument("--no-ignore", action="store_true", help="score ground-truth label 0 too")
     eval_seg.set_defaults(run=_eval_seg)
+    video = commands.add_parser(
+        "finetune-video",
+        help="fine-tune a clip classifier (LRCN, LightNet video, ...) on a video folder or list",
+    )
+    _add_training_arguments(video, "configs/finetune/video_lrcn_resnet18_ucf101.yaml", "train.steps=100")
+    video.set_defaults(run=_finetune_video)
+    eval_video = commands.add_parser(
+        "eval-video", help="top-1/top-5 of a fine-tuned video model, K clips x crops per video"
+    )
+    eval_video.add_argument(
+        "--checkpoint", required=True, help="a finetune-video run folder or its model.safetensors"
+    )
+    eval_video.add_argument("--data", default=None, help="videos to evaluate (default: the run's data.val)")
+    eval_video.add_argument("--output-dir", default=None, help="default: <run folder>/eval")
+    eval_video.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="e.g. --set eval.num_clips=10"
+    )
+    eval_video.set_defaults(run=_eval_video)
     return parser
 
 

@@ -1,5 +1,6 @@
-"""The correctness part of benchmarks/kernels_gpu.py runs on the CPU through Triton's interpreter."""
+"""Self-checks of benchmark scripts: kernels_gpu.py (under Triton's interpreter) and video_io.py --smoke."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -40,3 +41,23 @@ def test_kernels_gpu_timing_code_runs_under_the_interpreter(tmp_path):
     operators = {line.split(",")[0] for line in lines[1:]}
     assert operators == {"cross_scan", "linear_recurrence", "linear_attention", "selective_scan"}
     assert len(lines) == 1 + 2 * 6  # header, then 6 rows for each of the 2 lengths
+
+
+def test_video_io_smoke_run_writes_every_measurement(tmp_path):
+    # --smoke writes two tiny videos and walks every path of benchmarks/video_io.py: both decoders,
+    # the dataset's checked decode, and the DataLoader with and without worker processes.
+    script = SCRIPT.parent / "video_io.py"
+    out = tmp_path / "video_io.csv"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    measured = [row["measurement"] for row in rows]
+    expected = ["full decode"] * 2 + ["uniform 16 frames"] * 3 + ["DataLoader train clips"] * 2
+    assert measured == expected
+    assert all(float(row["clips_per_s"]) > 0 for row in rows)
+    assert "| uniform 16 frames" in result.stdout

@@ -1,4 +1,4 @@
-"""Evaluation pipelines. For now: EM neuron segmentation.
+"""Fine-tuning and evaluation pipelines: EM neuron segmentation and video recognition.
 
 - ``em_affinity``: affinity targets from neuron ids, the class-balanced affinity loss and
   ``AffinityModel`` (a segmenter + its loss, the module the training loop fine-tunes).
@@ -15,9 +15,22 @@
 - ``em_demo``: pretraining vs scratch end to end on synthetic volumes (``run_demo``, behind
   ``seqvision demo``).
 
-See docs/EM.md for running it on CREMI-format data.
+Video recognition (docs/VIDEO.md):
+
+- ``video_data``: video lists (class folders, CSV/TSV, Kinetics CSV, UCF101 splits), frame
+  sampling, decord decoding with guards, clip transforms and ``VideoClipDataset``.
+- ``video``: ``finetune_video`` / ``evaluate_video`` behind ``seqvision finetune-video`` and
+  ``seqvision eval-video``.
+
+Shared by the classification-style pipelines: ``classifier`` (``ClassifierWithLoss``),
+``class_metrics`` (top-k, mean class accuracy, confusion matrix, predictions CSV) and
+``model_file`` (a fine-tuned model's weights with its config and classes in one file).
+
+See docs/EM.md for running segmentation on CREMI-format data.
 """
 
+from .class_metrics import ClassificationReport, classification_report, confusion_matrix
+from .classifier import ClassifierWithLoss
 from .em_affinity import AffinityLoss, AffinityModel, affinity_forward, affinity_targets
 from .em_checkpoint import (
     CHECKPOINT_FORMAT,
@@ -49,30 +62,48 @@ from .em_segmentation import (
     predict_affinities,
     segment_file,
 )
+from .model_file import MODEL_FILE, read_model_file, save_model_file
+from .video import evaluate_video, finetune_video, prepare_video_finetune, run_video_finetune
+from .video_data import VideoClipDataset, VideoRecord, load_video_list, sample_frame_indices
 
 __all__ = [
     "AFFINITIES_KEY",
     "CHECKPOINT_FORMAT",
+    "MODEL_FILE",
     "SEGMENTER_FILE",
     "AffinityLoss",
     "AffinityModel",
+    "ClassificationReport",
+    "ClassifierWithLoss",
     "SegmentFileResult",
     "SegmentationScores",
     "SegmenterConfig",
+    "VideoClipDataset",
+    "VideoRecord",
     "adapted_rand_error",
     "affinity_forward",
     "affinity_targets",
     "agglomerate",
     "boundary_map",
+    "classification_report",
+    "confusion_matrix",
     "contingency_table",
     "evaluate_files",
     "evaluate_segmentation",
+    "evaluate_video",
     "finetune_segmenter",
+    "finetune_video",
     "load_segmenter",
+    "load_video_list",
     "predict_affinities",
     "prepare_finetune",
+    "prepare_video_finetune",
+    "read_model_file",
     "read_segmenter_config",
     "run_finetune",
+    "run_video_finetune",
+    "sample_frame_indices",
+    "save_model_file",
     "save_segmentation_figure",
     "save_segmenter",
     "segment_affinities",

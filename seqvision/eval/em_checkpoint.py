@@ -30,6 +30,7 @@ import torch.nn as nn
 import yaml
 
 from seqvision.vision.em import EMSegMamba, create_em_segmenter
+from seqvision.vision.layers.state import state_mismatch
 
 from ._io import atomic_path
 
@@ -109,31 +110,6 @@ def _as_config(config: SegmenterConfig | Mapping[str, Any] | str | os.PathLike) 
     raise TypeError(f"config must be a SegmenterConfig, a mapping or a path, got {type(config).__name__}")
 
 
-def _state_mismatch(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor]) -> str:
-    """'' when ``state`` has exactly the keys and shapes of ``expected``, else what differs."""
-
-    def show(names: list[str]) -> str:
-        return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
-
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    problems = [
-        f"{label} {show(names)}"
-        for label, names in (
-            ("missing keys:", missing),
-            ("unexpected keys:", unexpected),
-            ("shapes:", shapes),
-        )
-        if names
-    ]
-    return "; ".join(problems)
-
-
 def _expected_state(config: SegmenterConfig) -> dict[str, torch.Tensor]:
     # Built on the meta device: the names and shapes without allocating or initialising weights.
     with torch.device("meta"):
@@ -162,7 +138,7 @@ def save_segmenter(
     config = _as_config(config)
     weights = segmenter.state_dict() if isinstance(segmenter, nn.Module) else segmenter
     state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    problem = _state_mismatch(state, _expected_state(config))
+    problem = state_mismatch(state, _expected_state(config))
     if problem:
         raise ValueError(f"segmenter does not match config {config.to_dict()}: {problem}")
     metadata = {
@@ -240,7 +216,7 @@ def load_segmenter(
         # The weights of a whole AffinityModel (a training checkpoint's model.safetensors).
         state = {key.removeprefix("segmenter."): value for key, value in state.items()}
     model = config.build()
-    problem = _state_mismatch(state, model.state_dict())
+    problem = state_mismatch(state, model.state_dict())
     if problem:
         raise ValueError(
             f"{path}: the weights do not fit the architecture {config.to_dict()} (a checkpoint of "

@@ -9,7 +9,7 @@
 * :mod:`seqvision.vision.layers` - shared layers (MD-TPE, MD-LRPE, group RMSNorm, tubelet embedding).
 """
 
-from . import em, lightnet, mamba, vir
+from . import em, lightnet, lrcn, mamba, vir
 from .em import EMMambaEncoder, EMSegMamba, create_em_segmenter, load_encoder_weights
 from .lightnet import LightNet
 from .mamba import MambaMixer, VisionMamba, VMamba
@@ -27,6 +27,7 @@ __all__ = [
     "em",
     "lightnet",
     "load_encoder_weights",
+    "lrcn",
     "mamba",
     "vir",
 ]

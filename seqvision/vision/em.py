@@ -70,6 +70,7 @@ from torch.utils.checkpoint import checkpoint
 from seqvision.kernels._common import check_positive_int
 
 from .base import default_cfg
+from .layers.state import state_mismatch
 from .mamba import MambaBlock, MambaStagesMixin, mamba_no_weight_decay
 
 __all__ = [
@@ -507,30 +508,11 @@ def load_encoder_weights(
             state = state[key]
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     expected = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong:
-
-        def show(names: list[str]) -> str:
-            return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-
-        problems = [
-            f"{label} {show(names)}"
-            for label, names in (
-                ("missing keys:", missing),
-                ("unexpected keys:", unexpected),
-                ("shapes:", wrong),
-            )
-            if names
-        ]
+    problem = state_mismatch(state, expected, limit=8)
+    if problem:
         raise ValueError(
             f"pretrained_encoder does not match this encoder ({len(encoder.dims)} stages, dims "
-            f"{encoder.dims}): " + "; ".join(problems)
+            f"{encoder.dims}): {problem}"
         )
     encoder.load_state_dict(state, strict=False)  # strictness checked above; the head is not loaded
 
