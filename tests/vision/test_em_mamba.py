@@ -189,7 +189,7 @@ def test_encoder_weights_are_checked_strictly():
         load_encoder_weights(encoder, missing)
     with pytest.raises(ValueError, match=r"unexpected keys: decoder\.weight"):
         load_encoder_weights(encoder, {**state, "decoder.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"shapes: stem\.bias: \(3,\) vs \(8,\)"):
+    with pytest.raises(ValueError, match=r"shapes: stem\.bias \(3,\) vs \(8,\)"):
         load_encoder_weights(encoder, {**state, "stem.bias": torch.zeros(3)})
     with pytest.raises(TypeError, match="pretrained_encoder must be a path or a state dict"):
         load_encoder_weights(encoder, 3)
