@@ -149,7 +149,7 @@ def save_confusion_figure(
     matrix = np.asarray(confusion, dtype=np.float64)
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    size = min(4 + 0.3 * len(classes), 16)
+    size = min(max(6.0, 4 + 0.3 * len(classes)), 16.0)
     figure, axes = plt.subplots(figsize=(size, size), dpi=100)
     image = axes.imshow(normalised, vmin=0, vmax=1, cmap="viridis")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of the true class")
@@ -163,7 +163,7 @@ def save_confusion_figure(
                         axes.text(j, i, int(matrix[i, j]), ha="center", va="center", color="w", fontsize=8)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(title or "confusion matrix")
+    axes.set_title(title or "confusion matrix", fontsize=10)
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary)

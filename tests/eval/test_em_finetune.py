@@ -60,7 +60,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_configs_are_valid_and_the_tiny_encoder_is_the_tiny_pretraining_encoder():
     configs = {
-        path.stem: load_finetune_config(path) for path in (ROOT / "configs" / "finetune").glob("em_seg_*.yaml")
+        path.stem: load_finetune_config(path)
+        for path in (ROOT / "configs" / "finetune").glob("em_seg_*.yaml")
     }
     assert set(configs) >= {"em_seg_tiny", "em_seg_base"}
     for values in configs.values():
