@@ -233,6 +233,56 @@ def _format_classification(metrics: dict[str, float], what: str) -> str:
     return _format_table(rows)
 
 
+def _finetune_caption(args: argparse.Namespace) -> int:
+    from seqvision.eval.captioning import prepare_caption_finetune, run_caption_finetune
+
+    def summary(job: Any, outcome: Any) -> str:
+        path, result = outcome
+        lines = [_format_caption_metrics(result.evaluations[-1])] if result.evaluations else []
+        return "\n".join([*lines, f"fine-tuned {result.state.step} steps; model: {path}"])
+
+    return _training_command(
+        "finetune-caption",
+        args,
+        lambda: prepare_caption_finetune(args.config, output_dir=args.output_dir, overrides=args.set),
+        lambda job: run_caption_finetune(job, resume=args.resume),
+        summary,
+    )
+
+
+def _eval_caption(args: argparse.Namespace) -> int:
+    from seqvision.eval.captioning import evaluate_captioner
+
+    _configure_logging()
+    try:
+        result, files = evaluate_captioner(
+            args.checkpoint, data=args.data, output_dir=args.output_dir, overrides=args.set
+        )
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"seqvision eval-caption: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.scores.table() if result.scores else "no caption could be scored")
+        print(f"{len(result.predictions)} captioned, {len(result.skipped)} unreadable")
+        for path in files.values():
+            print(f"wrote {path}")
+    return 0
+
+
+def _format_caption_metrics(metrics: dict[str, float]) -> str:
+    """BLEU-1..4, METEOR (or why it was skipped), ROUGE-L and CIDEr as a two-column table."""
+    rows = [("metric", "value")]
+    names = (("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"))
+    names += (("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"))
+    for key, label in names:
+        rows.append(
+            (label, f"{metrics[key]:.4f}" if key in metrics else "skipped (eval.meteor=false or no java)")
+        )
+    rows.append(("captioned", str(int(metrics["samples"]))))
+    rows.append(("unreadable", str(int(metrics["skipped"]))))
+    return _format_table(rows)
+
+
 def _format_table(rows: list[tuple[str, ...]]) -> str:
     """Left-aligned columns, a rule under the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -418,6 +468,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="e.g. --set eval.num_clips=10"
     )
     eval_video.set_defaults(run=_eval_video)
+    caption = commands.add_parser(
+        "finetune-caption", help="fine-tune an LRCN captioner on COCO-style image or video captions"
+    )
+    _add_training_arguments(caption, "configs/finetune/caption_lrcn_coco.yaml", "eval.method=sample")
+    caption.set_defaults(run=_finetune_caption)
+    eval_caption = commands.add_parser(
+        "eval-caption", help="BLEU/METEOR/ROUGE-L/CIDEr of a fine-tuned captioner, predictions and a picture"
+    )
+    eval_caption.add_argument(
+        "--checkpoint", required=True, help="a finetune-caption run folder or its model.safetensors"
+    )
+    eval_caption.add_argument(
+        "--data", default=None, help="a caption file to caption and score (default: the run's data.val)"
+    )
+    eval_caption.add_argument("--output-dir", default=None, help="default: <run folder>/eval")
+    eval_caption.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="e.g. --set eval.beam_size=5"
+    )
+    eval_caption.set_defaults(run=_eval_caption)
     return parser
 
 

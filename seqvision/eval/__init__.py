@@ -15,6 +15,14 @@
 - ``em_demo``: pretraining vs scratch end to end on synthetic volumes (``run_demo``, behind
   ``seqvision demo``).
 
+Captioning (docs/CAPTIONING.md):
+
+- ``caption_vocab``: the word vocabulary (built from training captions, stored with the model).
+- ``caption_data``: COCO / Karpathy and video caption files, ``CaptionDataset``.
+- ``caption_metrics``: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), results JSON, picture grid.
+- ``captioning``: ``finetune_captioner`` / ``evaluate_captioner`` behind ``seqvision
+  finetune-caption`` and ``seqvision eval-caption``.
+
 Video recognition (docs/VIDEO.md):
 
 - ``video_data``: video lists (class folders, CSV/TSV, Kinetics CSV, UCF101 splits), frame
@@ -29,6 +37,10 @@ Shared by the classification-style pipelines: ``classifier`` (``ClassifierWithLo
 See docs/EM.md for running segmentation on CREMI-format data.
 """
 
+from .caption_data import CaptionDataset, CaptionRecord, load_coco_captions, load_video_captions
+from .caption_metrics import CaptionScores, caption_scores
+from .caption_vocab import Vocabulary, tokenize
+from .captioning import evaluate_captioner, finetune_captioner
 from .class_metrics import ClassificationReport, classification_report, confusion_matrix
 from .classifier import ClassifierWithLoss
 from .em_affinity import AffinityLoss, AffinityModel, affinity_forward, affinity_targets
@@ -73,6 +85,9 @@ __all__ = [
     "SEGMENTER_FILE",
     "AffinityLoss",
     "AffinityModel",
+    "CaptionDataset",
+    "CaptionRecord",
+    "CaptionScores",
     "ClassificationReport",
     "ClassifierWithLoss",
     "SegmentFileResult",
@@ -80,20 +95,26 @@ __all__ = [
     "SegmenterConfig",
     "VideoClipDataset",
     "VideoRecord",
+    "Vocabulary",
     "adapted_rand_error",
     "affinity_forward",
     "affinity_targets",
     "agglomerate",
     "boundary_map",
+    "caption_scores",
     "classification_report",
     "confusion_matrix",
     "contingency_table",
+    "evaluate_captioner",
     "evaluate_files",
     "evaluate_segmentation",
     "evaluate_video",
+    "finetune_captioner",
     "finetune_segmenter",
     "finetune_video",
+    "load_coco_captions",
     "load_segmenter",
+    "load_video_captions",
     "load_video_list",
     "predict_affinities",
     "prepare_finetune",
@@ -108,6 +129,7 @@ __all__ = [
     "save_segmenter",
     "segment_affinities",
     "segment_file",
+    "tokenize",
     "variation_of_information",
     "watershed_fragments",
     "waterz_available",

@@ -10,8 +10,9 @@ evaluated with the classes (or words) and the preprocessing it was trained with.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,21 @@ import torch.nn as nn
 
 from ._io import atomic_path
 
-__all__ = ["MODEL_FILE", "ModelFile", "read_model_file", "save_model_file"]
+__all__ = [
+    "EVAL_DIR",
+    "MODEL_FILE",
+    "ModelFile",
+    "evaluation_folder",
+    "export_at_train_end",
+    "read_model_file",
+    "save_model_file",
+]
+
+_logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+EVAL_DIR = "eval"
+"""Where a run's evaluation files go, beside its model file."""
 _FORMAT = "seqvision-model/1"
 
 
@@ -66,6 +79,44 @@ def save_model_file(
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
     return Path(path)
+
+
+def export_at_train_end(
+    path: str | os.PathLike,
+    *,
+    task: str,
+    submodule: str,
+    config: Mapping[str, Any],
+    extra: Callable[[], Mapping[str, Any]],
+) -> Callable[[Any, nn.Module, Any], None]:
+    """The training loop's ``on_train_end`` that saves ``<prepared model>.<submodule>`` to ``path``.
+
+    The loop trains a wrapper (a model plus its loss); the file gets the wrapped model's weights.
+    Under FSDP the full state dict is gathered by a collective (every process calls the hook), and
+    the main process writes it; ``extra()`` is evaluated there (e.g. the class names, the vocabulary).
+    """
+    from accelerate.utils import DistributedType
+
+    def on_train_end(accelerator: Any, model: nn.Module, state: Any) -> None:
+        if accelerator.distributed_type == DistributedType.FSDP:
+            full = accelerator.get_state_dict(model) or {}
+            weights = {k.removeprefix(f"{submodule}."): v for k, v in full.items()}
+        else:
+            weights = getattr(accelerator.unwrap_model(model), submodule).state_dict()
+        if accelerator.is_main_process:
+            save_model_file(weights, path, task=task, config=config, extra={**extra(), "steps": state.step})
+            _logger.info("wrote the fine-tuned model (step %d) to %s", state.step, path)
+        accelerator.wait_for_everyone()
+
+    return on_train_end
+
+
+def evaluation_folder(checkpoint: str | os.PathLike, output_dir: str | os.PathLike | None) -> Path:
+    """``output_dir``, or ``eval/`` beside the model file (in its run folder)."""
+    if output_dir is not None:
+        return Path(output_dir)
+    checkpoint = Path(checkpoint)
+    return (checkpoint if checkpoint.is_dir() else checkpoint.parent) / EVAL_DIR
 
 
 def read_model_file(path: str | os.PathLike, task: str) -> ModelFile:

@@ -45,7 +45,7 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, reduce, set_seed
+from accelerate.utils import reduce, set_seed
 from torch.utils.data import DataLoader
 
 from seqvision.pretrain.config import CONFIG_FILE, load_sections, write_config
@@ -66,7 +66,7 @@ from .class_metrics import (
     write_report_json,
 )
 from .classifier import ClassifierWithLoss, classifier_forward
-from .model_file import MODEL_FILE, read_model_file, save_model_file
+from .model_file import EVAL_DIR, MODEL_FILE, evaluation_folder, export_at_train_end, read_model_file
 from .video_data import VideoClipDataset, load_video_list
 
 __all__ = [
@@ -83,7 +83,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 TASK = "video"
-EVAL_DIR = "eval"
 _SECTIONS = ("model", "data", "eval", "train")
 _MODEL_KEYS = {"name", "kwargs", "pretrained", "encoder_lr_scale", "clip_layout", "label_smoothing"}
 _DATA_KEYS = {
@@ -476,18 +475,13 @@ def run_video_finetune(
 
     path = output / MODEL_FILE
 
-    def on_train_end(accelerator: Accelerator, prepared: nn.Module, state: LoopState) -> None:
-        if accelerator.distributed_type == DistributedType.FSDP:
-            full = accelerator.get_state_dict(prepared) or {}
-            weights = {k.removeprefix("model."): v for k, v in full.items()}
-        else:
-            weights = accelerator.unwrap_model(prepared).model.state_dict()
-        if accelerator.is_main_process:
-            extra = {"classes": job.classes, "steps": state.step}
-            sections = {k: job.config[k] for k in ("model", "data", "eval")}
-            save_model_file(weights, path, task=TASK, config=sections, extra=extra)
-            _logger.info("wrote the fine-tuned model (step %d) to %s", state.step, path)
-        accelerator.wait_for_everyone()
+    on_train_end = export_at_train_end(
+        path,
+        task=TASK,
+        submodule="model",
+        config={k: job.config[k] for k in ("model", "data", "eval")},
+        extra=lambda: {"classes": job.classes},
+    )
 
     result = train(
         job.model,
@@ -562,7 +556,6 @@ def evaluate_video(
         result = run_video_evaluation(accelerator, prepared_model, loader, dataset, values["eval"]["average"])
     files: dict[str, Path] = {}
     if accelerator.is_main_process:
-        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-        files = write_evaluation(Path(output_dir) if output_dir else run_dir / EVAL_DIR, result, classes)
+        files = write_evaluation(evaluation_folder(checkpoint, output_dir), result, classes)
     accelerator.wait_for_everyone()
     return result, classes, files

@@ -34,7 +34,8 @@ It stays the attribute ``encoder``, so a training loop can give it its own learn
 whatever ``train()`` says, so BatchNorm statistics are not updated either (a frozen encoder is a
 fixed feature extractor). ``encoder_chunk`` encodes at most that many frames at once (memory);
 the result is identical to one call in eval mode, while in train mode BatchNorm's batch statistics
-are then per chunk.
+are then per chunk. All of this is ``layers/frame_encoder.py``'s ``FrameEncoderMixin``, which the
+LRCN captioner (``captioner.py``) shares.
 
 Weights: no LRCN weights are published, so ``pretrained=True`` on the LRCN is an error unless a
 source is given (``pretrained_cfg_overlay=dict(file=...)`` for your own LRCN checkpoint).
@@ -49,19 +50,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Literal
 
-import timm
 import torch
 import torch.nn as nn
 from timm.models import (
-    adapt_input_conv,
     build_model_with_cfg,
     generate_default_cfgs,
-    group_modules,
-    group_parameters,
-    load_state_dict,
     register_model,
     resolve_pretrained_cfg,
 )
@@ -70,7 +65,7 @@ from timm.models._pretrained import PretrainedCfg
 from seqvision.kernels._common import check_positive_int
 
 from .base import check_chunk_size, init_linear
-from .layers.state import state_mismatch
+from .layers.frame_encoder import FrameEncoderMixin, load_encoder_file
 
 __all__ = ["LRCN", "TEMPORAL_POOLS", "ClipPretrainedCfg", "load_encoder_file"]
 
@@ -86,83 +81,7 @@ class ClipPretrainedCfg(PretrainedCfg):
     num_frames: int = 16
 
 
-def _classifier_names(encoder: nn.Module) -> tuple[str, ...]:
-    cfg = getattr(encoder, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier") or ()
-    return (names,) if isinstance(names, str) else tuple(names)
-
-
-def load_encoder_file(encoder: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local weight file into ``encoder`` with a strict key and shape check.
-
-    ``path``: ``.safetensors`` or a ``torch.save`` file (read with timm's ``load_state_dict``:
-    weights only; a {'state_dict': ...} / {'model': ...} wrapper is unwrapped, EMA weights are taken
-    when the file has them, a 'module.' prefix is dropped). The keys must be the encoder's own
-    (as ``timm.create_model(name).state_dict()`` writes them); no family-specific conversion is
-    applied. Weights of the encoder's classifier (its cfg's ``classifier``, e.g. ResNet's ``fc``)
-    are dropped when the encoder has none (``num_classes=0``), and a first-conv weight for another
-    number of input channels is adapted as timm does (``adapt_input_conv``). Any other missing or
-    unexpected key, or a shape that differs, is a ValueError naming the file.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"pretrained_encoder must be an existing weight file, got {str(file)!r}")
-    try:
-        state = load_state_dict(str(file))
-    except Exception as e:  # a file that is not a checkpoint; say which one
-        raise ValueError(f"pretrained_encoder {str(file)!r} could not be read as a state dict: {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained_encoder {str(file)!r} does not hold a state dict of tensors")
-    expected = encoder.state_dict()
-    for name in _classifier_names(encoder):
-        if not any(k.startswith(name + ".") for k in expected):
-            state = {k: v for k, v in state.items() if not k.startswith(name + ".")}
-    cfg = getattr(encoder, "pretrained_cfg", None) or {}
-    first_conv = cfg.get("first_conv")
-    for conv in (first_conv,) if isinstance(first_conv, str) else (first_conv or ()):
-        key = f"{conv}.weight"
-        if key in state and key in expected:
-            got, want = state[key], expected[key]
-            same_but_channels = got.shape[:1] + got.shape[2:] == want.shape[:1] + want.shape[2:]
-            if got.dim() == 4 and same_but_channels and got.shape[1] != want.shape[1]:
-                state[key] = adapt_input_conv(want.shape[1], got)
-    problem = state_mismatch(state, expected)
-    if problem:
-        raise ValueError(
-            f"pretrained_encoder {str(file)!r} does not match the encoder "
-            f"({type(encoder).__name__}): {problem}"
-        )
-    encoder.load_state_dict(state, strict=True)
-
-
-def _probe_feature_dim(encoder: nn.Module, in_chans: int) -> int:
-    """Feature width D of an encoder that declares none: one forward of a single frame.
-
-    The frame size is the encoder's cfg ``input_size`` when it has one, else 224 x 224; the call runs
-    in eval mode without autograd (no BatchNorm update) and the mode is restored after.
-    """
-    cfg = getattr(encoder, "pretrained_cfg", None) or {}
-    size = tuple(cfg.get("input_size") or (in_chans, 224, 224))[-2:]
-    param = next(encoder.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            out = encoder(torch.zeros(1, in_chans, *size, device=device, dtype=dtype))
-    finally:
-        encoder.train(was_training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"encoder must return pooled features (N, D) for frames (N, C, H, W); for a frame of "
-            f"{(1, in_chans, *size)} it returned {got}"
-        )
-    return out.shape[1]
-
-
-class LRCN(nn.Module):
+class LRCN(FrameEncoderMixin, nn.Module):
     """LRCN with timm's model interface: a frame encoder, an LSTM over time, a per-step classifier.
 
     Input (B, T, in_chans, H, W) clips or (B, in_chans, H, W) images (one frame). ``forward`` returns
@@ -232,25 +151,19 @@ class LRCN(nn.Module):
                 f"lstm_dropout acts between stacked LSTM layers and needs lstm_layers > 1, got "
                 f"lstm_dropout={lstm_dropout} with lstm_layers=1"
             )
-        if not isinstance(pretrained_encoder, (bool, str, os.PathLike)):
-            raise TypeError(
-                f"pretrained_encoder must be a bool or a path, got {type(pretrained_encoder).__name__}"
-            )
 
-        self.encoder = self._build_encoder(
-            encoder, pretrained_encoder, dict(encoder_kwargs or {}), kwargs, in_chans
+        self._init_frame_encoder(
+            encoder,
+            pretrained_encoder=pretrained_encoder,
+            encoder_kwargs=encoder_kwargs,
+            extra_kwargs=kwargs,
+            in_chans=in_chans,
+            encoder_chunk=encoder_chunk,
         )
-        if isinstance(pretrained_encoder, (str, os.PathLike)):
-            load_encoder_file(self.encoder, pretrained_encoder)
-        self.encoder_dim = self._encoder_dim(self.encoder, in_chans)
-
         self.num_classes = num_classes
-        self.in_chans = in_chans
         self.num_frames = num_frames
         self.temporal_pool = temporal_pool
-        self.encoder_chunk = encoder_chunk
         self.num_features = self.head_hidden_size = lstm_hidden
-        self.grad_checkpointing = False
 
         self.feature_norm = nn.BatchNorm1d(self.encoder_dim, affine=False) if feature_norm else nn.Identity()
         self.feature_drop = nn.Dropout(feature_dropout)
@@ -266,7 +179,6 @@ class LRCN(nn.Module):
         self.pretrained_cfg = self.default_cfg = _lrcn_cfg(
             _encoder_first_conv(self.encoder), num_frames=num_frames
         )
-        self.encoder_frozen = False
         self.set_encoder_frozen(freeze_encoder)
 
     # ------------------------------------------------------------------------------------------
@@ -274,81 +186,9 @@ class LRCN(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _build_encoder(
-        encoder: str | nn.Module,
-        pretrained: bool | str | os.PathLike,
-        encoder_kwargs: dict,
-        extra: dict,
-        in_chans: int,
-    ) -> nn.Module:
-        if isinstance(encoder, nn.Module):
-            if extra or encoder_kwargs:
-                names = sorted({*extra, *encoder_kwargs})
-                raise TypeError(
-                    f"encoder is a module, so there is nothing to pass {names} to; they are arguments "
-                    "for timm.create_model of a named encoder"
-                )
-            if pretrained is True:
-                raise ValueError(
-                    "pretrained_encoder=True needs an encoder name (timm's weights); for a module, "
-                    "load its weights yourself or pass pretrained_encoder='weights.safetensors'"
-                )
-            chans = getattr(encoder, "in_chans", None)
-            if isinstance(chans, int) and chans != in_chans:
-                raise ValueError(f"encoder takes {chans} input channels but in_chans is {in_chans}")
-            return encoder
-        if not isinstance(encoder, str):
-            raise TypeError(
-                f"encoder must be a timm model name or an nn.Module, got {type(encoder).__name__}"
-            )
-        if ":" not in encoder and not timm.is_model(encoder):
-            raise ValueError(f"encoder must be a registered timm model name, got {encoder!r}")
-        clash = sorted(set(extra) & set(encoder_kwargs))
-        if clash:
-            raise ValueError(f"{clash} given both as keyword arguments and in encoder_kwargs")
-        encoder_kwargs.update(extra)
-        reserved = sorted({"num_classes", "in_chans", "pretrained"} & set(encoder_kwargs))
-        if reserved:
-            raise ValueError(
-                f"encoder_kwargs must not set {reserved}: the encoder is built with num_classes=0, the "
-                "LRCN's in_chans and pretrained_encoder"
-            )
-        return timm.create_model(
-            encoder, pretrained=pretrained is True, num_classes=0, in_chans=in_chans, **encoder_kwargs
-        )
-
-    @staticmethod
-    def _encoder_dim(encoder: nn.Module, in_chans: int) -> int:
-        classes = getattr(encoder, "num_classes", 0)
-        if isinstance(classes, int) and classes > 0:
-            raise ValueError(
-                f"encoder must return pooled features, but it has a {classes}-class classifier: build it "
-                "with num_classes=0 or call encoder.reset_classifier(0)"
-            )
-        # timm: with num_classes=0 forward() returns forward_head(pre_logits=True), head_hidden_size wide.
-        for name in ("head_hidden_size", "num_features"):
-            dim = getattr(encoder, name, None)
-            if isinstance(dim, int) and dim > 0:
-                return dim
-        return _probe_feature_dim(encoder, in_chans)
-
-    @staticmethod
     def _check_temporal_pool(temporal_pool: str) -> None:
         if temporal_pool not in TEMPORAL_POOLS:
             raise ValueError(f"temporal_pool must be one of {TEMPORAL_POOLS}, got {temporal_pool!r}")
-
-    def set_encoder_frozen(self, frozen: bool = True) -> None:
-        """Freeze (no gradients, always eval mode) or unfreeze (all gradients, follows ``train()``)."""
-        self.encoder_frozen = bool(frozen)
-        self.encoder.requires_grad_(not self.encoder_frozen)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> LRCN:
-        super().train(mode)
-        if self.encoder_frozen:
-            # A frozen encoder is a fixed feature extractor: no BatchNorm updates, no dropout.
-            self.encoder.eval()
-        return self
 
     # ------------------------------------------------------------------------------------------
     # timm's contract
@@ -368,89 +208,18 @@ class LRCN(nn.Module):
         self.head.apply(init_linear)
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Activation checkpointing inside the encoder (the LSTM is cheap to keep)."""
-        setter = getattr(self.encoder, "set_grad_checkpointing", None)
-        if setter is None:
-            if enable:
-                raise ValueError(f"the encoder ({type(self.encoder).__name__}) has no set_grad_checkpointing")
-        else:
-            setter(enable)
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        names = self.encoder.no_weight_decay() if hasattr(self.encoder, "no_weight_decay") else set()
-        return {f"encoder.{name}" for name in names}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[int]]:
         """Layer groups: the encoder's own groups in order, then the LSTM, then the head.
 
-        Returned as a callable (name -> group ordinal), which timm's ``group_parameters`` /
-        ``group_modules`` accept: an encoder's regexes are anchored at the start of its names
-        (e.g. ResNet's '^conv1|bn1|maxpool') and cannot be prefixed with 'encoder.' reliably, so the
-        encoder's names are grouped by its own matcher and the group ids are looked up here.
+        A callable (name -> group ordinal), which timm's ``group_parameters`` / ``group_modules``
+        accept (see ``FrameEncoderMixin._group_matcher_after_encoder``). ``set_grad_checkpointing``
+        and ``no_weight_decay`` come from the mixin and reach the encoder.
         """
-        matcher = getattr(self.encoder, "group_matcher", None)
-        ids: dict[str, int] = {}
-        if matcher is not None:
-            spec = matcher(coarse=coarse)
-            for group in (group_parameters, group_modules):
-                ids.update(group(self.encoder, spec, reverse=True))
-        last = max(ids.values(), default=0)
-        lstm_id, head_id = last + 1, last + 2
-
-        def group_of(name: str) -> tuple[int]:
-            if name == "encoder" or name.startswith("encoder."):
-                return (ids.get(name.removeprefix("encoder."), last),)
-            return (lstm_id,) if name.startswith("lstm") else (head_id,)
-
-        return group_of
+        return self._group_matcher_after_encoder(coarse, ("lstm",))
 
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
-
-    def _as_clip(self, x: object) -> torch.Tensor:
-        """(B, T, C, H, W) as is, (B, C, H, W) as (B, 1, C, H, W); clear errors otherwise."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 4:
-            x = x.unsqueeze(1)
-        elif x.dim() != 5:
-            raise ValueError(
-                "x must be a clip batch (B, T, C, H, W) or an image batch (B, C, H, W), got shape "
-                f"{tuple(x.shape)}"
-            )
-        if x.shape[2] != self.in_chans:
-            hint = (
-                "; a (B, C, T, H, W) clip needs x.transpose(1, 2)"
-                if x.dim() == 5 and x.shape[1] == self.in_chans
-                else ""
-            )
-            raise ValueError(
-                f"x must have {self.in_chans} channels (in_chans) at dim -3 of (B, T, C, H, W), got "
-                f"{x.shape[2]} in {tuple(x.shape)}{hint}"
-            )
-        if x.shape[1] == 0:
-            raise ValueError(f"x must have at least one frame (T >= 1), got T=0 in {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"x must have at least one clip (B >= 1), got B=0 in {tuple(x.shape)}")
-        return x
-
-    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """Frames (N, C, H, W) -> pooled encoder features (N, D), ``encoder_chunk`` frames at a time."""
-        check_chunk_size("encoder_chunk", self.encoder_chunk)
-        parts = frames.split(self.encoder_chunk or frames.shape[0])
-        # One part is the whole batch: call the encoder on it directly (torch.cat would copy).
-        feats = self.encoder(frames) if len(parts) == 1 else torch.cat([self.encoder(p) for p in parts])
-        if feats.dim() != 2 or feats.shape != (frames.shape[0], self.encoder_dim):
-            raise ValueError(
-                f"encoder must return pooled features (N, D) = ({frames.shape[0]}, {self.encoder_dim}) for "
-                f"frames {tuple(frames.shape)}, got {tuple(feats.shape)}"
-            )
-        return feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Clip (B, T, C, H, W) or image (B, C, H, W) -> LSTM outputs (B, T, lstm_hidden).

@@ -142,6 +142,7 @@ def test_lr_scales_split_the_groups_by_longest_prefix(tmp_path):
     ]
     # The schedule scales every group alike; the logged LR is the unscaled one.
     scheduler = build_scheduler(optimizer, config, config.lr)
+    optimizer.step()  # no gradients: changes nothing, but keeps the documented step order
     scheduler.step()
     assert [g["lr"] / g["lr_scale"] for g in optimizer.param_groups] == pytest.approx([1e-2] * 4)
     with pytest.raises(ValueError, match="lr_scales must map"):
