@@ -223,6 +223,41 @@ def _eval_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_cls(args: argparse.Namespace) -> int:
+    from seqvision.eval.classification import prepare_classification_finetune, run_classification_finetune
+
+    def summary(job: Any, outcome: Any) -> str:
+        path, result = outcome
+        lines = [_format_classification(result.evaluations[-1], "validation")] if result.evaluations else []
+        return "\n".join([*lines, f"fine-tuned {result.state.step} steps; model: {path}"])
+
+    return _training_command(
+        "finetune-cls",
+        args,
+        lambda: prepare_classification_finetune(args.config, output_dir=args.output_dir, overrides=args.set),
+        lambda job: run_classification_finetune(job, resume=args.resume),
+        summary,
+    )
+
+
+def _eval_cls(args: argparse.Namespace) -> int:
+    from seqvision.eval.classification import evaluate_classifier
+
+    _configure_logging()
+    try:
+        report, _, files = evaluate_classifier(
+            args.checkpoint, data=args.data, output_dir=args.output_dir, overrides=args.set
+        )
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"seqvision eval-cls: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_format_classification(report.metrics(), "evaluation"))
+        for path in files.values():
+            print(f"wrote {path}")
+    return 0
+
+
 def _format_classification(metrics: dict[str, float], what: str) -> str:
     """top-1 / top-5 / mean class accuracy as a two-column table."""
     rows = [("metric", what)]
@@ -359,6 +394,155 @@ def _eval_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv_list(item: Callable[[str], Any], what: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated lists (``224,896``); a bad entry is a usage error (exit 2)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [item(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
+        return values
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
+
+
+def _mode(text: str) -> str:
+    if text not in ("eval", "train"):
+        raise ValueError(text)
+    return text
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from seqvision.bench import models
+
+    if args.smoke:
+        vars(args).update(models.SMOKE)
+    try:
+        device = models.resolve_device(args.device)
+        specs = models.resolve_specs(args.models, args.peer, args.chunk_size, args.chunk_tokens)
+    except ValueError as err:
+        print(f"seqvision bench models: {err}", file=sys.stderr)
+        return 2
+    max_memory_gib, max_call_s = models.default_limits(device)
+    result = models.bench_models(
+        specs,
+        args.sizes,
+        args.batch_sizes or ([1, 32] if device == "cuda" else [1]),
+        args.modes,
+        args.out,
+        peer=specs[0].label,
+        device=device,
+        repeats=args.repeats,
+        threads=args.threads,
+        max_memory_gib=args.max_memory_gib or max_memory_gib,
+        max_call_s=args.max_call_seconds or max_call_s,
+        count_operations=not args.no_flops,
+        report=lambda line: tqdm.write(line, file=sys.stderr),
+    )
+    print(models.format_report(result))
+    return 0
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from seqvision.bench import kernels
+
+    try:
+        device = kernels.resolve_kernels_device(args.device, args.smoke)
+        if device == "cuda":
+            kernels.load_gpu_script()  # benchmarks/kernels_gpu.py of the source tree
+    except (ValueError, FileNotFoundError) as err:
+        print(f"seqvision bench kernels: {err}", file=sys.stderr)
+        return 2
+    result = kernels.bench_kernels(
+        device, args.out, ops=args.ops, lengths=args.lengths, repeats=args.repeats, threads=args.threads,
+        tokens=args.tokens, smoke=args.smoke, check=not args.no_check,
+    )  # fmt: skip
+    print(kernels.format_kernels_report(result))
+    return 1 if result.failed_checks else 0
+
+
+def _add_bench_parser(commands: Any) -> None:
+    """``seqvision bench models`` and ``seqvision bench kernels`` (docs/PERFORMANCE.md)."""
+    from seqvision.bench.kernels import FORMS
+    from seqvision.bench.models import DEFAULT_MODELS, DEFAULT_PEER
+
+    bench = commands.add_parser("bench", help="benchmarks: backbones against a peer, operator forms")
+    which = bench.add_subparsers(dest="benchmark", required=True)
+    models = which.add_parser(
+        "models",
+        help="throughput, peak memory and FLOPs of backbones against a peer model by image size",
+        description="Each (model, size, batch, mode) cell runs in a fresh process; the peer is measured "
+        "in the same run and every ratio divides by it. Prints a markdown table, writes CSV and PNG. "
+        "On the CPU the default batch size is 1 (eval and train): batch 32 at 896 px takes minutes "
+        "per call on 2 cores; cells estimated over --max-call-seconds or --max-memory-gib are skipped.",
+    )
+    models.add_argument(
+        "--models", type=_csv_list(str, "model names"), default=list(DEFAULT_MODELS), metavar="M1,M2"
+    )
+    models.add_argument("--peer", default=DEFAULT_PEER, help="the reference model (default: %(default)s)")
+    models.add_argument("--sizes", type=_csv_list(_positive, "positive integers"), default=[224, 896])
+    models.add_argument(
+        "--batch-sizes",
+        type=_csv_list(_positive, "positive integers"),
+        default=None,
+        help="default: 1 on the CPU, 1,32 on CUDA",
+    )
+    models.add_argument("--modes", type=_csv_list(_mode, "modes (eval, train)"), default=["eval", "train"])
+    models.add_argument("--repeats", type=_positive, default=3, help="timed calls after the warm-up")
+    models.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    models.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    models.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_models"))
+    models.add_argument(
+        "--max-memory-gib", type=float, default=None, help="default: 8 on the CPU, 90%% of the GPU's"
+    )
+    models.add_argument(
+        "--max-call-seconds", type=float, default=None, help="default: 120 on the CPU, none on CUDA"
+    )
+    models.add_argument("--chunk-size", type=_positive, default=64, help="chunk_size of MODEL:chunk")
+    models.add_argument("--chunk-tokens", type=_positive, default=256, help="chunk_tokens of MODEL:streaming")
+    models.add_argument("--no-flops", action="store_true", help="do not count operations")
+    models.add_argument(
+        "--smoke", action="store_true", help="seconds: vir_tiny vs vit_tiny, 32/64 px, batch 1/2, 1 repeat"
+    )
+    models.set_defaults(run=_bench_models)
+    kernels = which.add_parser(
+        "kernels",
+        help="every operator form on the CPU, or the Triton kernels on CUDA, with ratio tables",
+        description="CPU: time and peak memory of every form (fresh process each) against the recurrent "
+        "and parallel forms. CUDA: benchmarks/kernels_gpu.py's checks and timings (Triton against the "
+        "PyTorch chunk form and fla / mamba-ssm where installed). Prints a table, writes CSV and PNG.",
+    )
+    kernels.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    kernels.add_argument("--ops", nargs="+", choices=list(FORMS), default=list(FORMS), help="CPU only")
+    kernels.add_argument(
+        "--lengths",
+        type=_csv_list(_positive, "positive integers"),
+        default=None,
+        help="default: 1024,4096,16384 (CPU), 1024,4096,16384,65536 (CUDA)",
+    )
+    kernels.add_argument("--repeats", type=_positive, default=3, help="CPU: timed calls after the warm-up")
+    kernels.add_argument("--threads", type=_positive, default=None, help="CPU: torch threads")
+    kernels.add_argument("--tokens", type=_positive, default=65536, help="CUDA: batch x L, held constant")
+    kernels.add_argument("--no-check", action="store_true", help="CUDA: skip the correctness checks")
+    kernels.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_kernels"))
+    kernels.add_argument(
+        "--smoke", action="store_true", help="seconds: tiny lengths, 1 repeat (numbers meaningless)"
+    )
+    kernels.set_defaults(run=_bench_kernels)
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser, example_config: str, example_set: str) -> None:
     """--config, --resume, --output-dir and --set: what every training command takes."""
     parser.add_argument("--config", required=True, help=f"a YAML file, e.g. {example_config}")
@@ -487,6 +671,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="e.g. --set eval.beam_size=5"
     )
     eval_caption.set_defaults(run=_eval_caption)
+    cls = commands.add_parser(
+        "finetune-cls",
+        help="fine-tune an image classifier (any timm or seqvision model) on an ImageFolder or list",
+    )
+    _add_training_arguments(cls, "configs/finetune/cls_vir_tiny.yaml", "model.layer_decay=0.75")
+    cls.set_defaults(run=_finetune_cls)
+    eval_cls = commands.add_parser("eval-cls", help="top-1/top-5 of a fine-tuned image classifier")
+    eval_cls.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a finetune-cls run folder, its model.safetensors or model_ema.safetensors",
+    )
+    eval_cls.add_argument("--data", default=None, help="images to evaluate (default: the run's data.val)")
+    eval_cls.add_argument("--output-dir", default=None, help="default: <run folder>/eval")
+    eval_cls.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="e.g. --set eval.batch_size=128",
+    )
+    eval_cls.set_defaults(run=_eval_cls)
+    _add_bench_parser(commands)
     return parser
 
 

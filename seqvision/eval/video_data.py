@@ -88,6 +88,7 @@ def load_video_list(
     root: str | os.PathLike | None = None,
     split_file: str | os.PathLike | None = None,
     classes: Sequence[str] | None = None,
+    extensions: Sequence[str] = VIDEO_EXTENSIONS,
 ) -> tuple[list[VideoRecord], list[str]]:
     """Read a video list; return its records (in list order) and the class names (index = label).
 
@@ -120,6 +121,8 @@ def load_video_list(
         split_file: a UCF101 ``trainlist0N.txt`` / ``testlist0N.txt``.
         classes: reuse these class names (a training set's) so labels match: a name not in them is
             an error naming it, and integer ids must be below ``len(classes)``.
+        extensions: the file suffixes a class folder is searched for (videos by default; image
+            classification passes image suffixes and reads the same layouts).
 
     Raises:
         FileNotFoundError: ``source``, ``root``, ``split_file`` or ``classInd.txt`` missing.
@@ -143,7 +146,8 @@ def load_video_list(
     if source.is_dir():
         if root is not None:
             raise ValueError(f"root applies to list files; {source} is a folder of class folders")
-        return _finish(*_read_class_folders(source, class_list), what=str(source))
+        suffixes = tuple(e.lower() for e in extensions)
+        return _finish(*_read_class_folders(source, class_list, suffixes), what=str(source))
     if _UCF_SPLIT_NAME.match(source.name) and (source.parent / "classInd.txt").exists():
         if root is None:
             raise ValueError(f"{source}: a UCF101 split file needs root, the video folder")
@@ -174,8 +178,8 @@ def _finish(
     return records, classes
 
 
-def _is_video(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith(".")
+def _has_suffix(path: Path, extensions: Sequence[str]) -> bool:
+    return path.suffix.lower() in extensions and not path.name.startswith(".")
 
 
 def _class_id(name: str, lookup: dict[str, int], where: str) -> int:
@@ -194,7 +198,7 @@ def _lookup(classes: list[str]) -> dict[str, int]:
 
 
 def _read_class_folders(
-    folder: Path, classes: list[str] | None
+    folder: Path, classes: list[str] | None, extensions: Sequence[str]
 ) -> tuple[list[VideoRecord], list[str], list[Path]]:
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = [p.name for p in subfolders]
@@ -203,7 +207,7 @@ def _read_class_folders(
     records = []
     for sub in subfolders:
         label = _class_id(sub.name, lookup, str(sub))
-        videos = sorted(p for p in sub.rglob("*") if p.is_file() and _is_video(p))
+        videos = sorted(p for p in sub.rglob("*") if p.is_file() and _has_suffix(p, extensions))
         records += [VideoRecord(p, label) for p in videos]
     return records, classes, []
 

@@ -54,7 +54,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -676,6 +676,7 @@ class _Run:
     config: LoopConfig
     lr: float  # the peak LR, scaled when config.scale_lr
     global_batch: int  # samples per optimizer step over all processes
+    after_optimizer_step: Callable[[nn.Module], None] | None = None
 
 
 def _prepare_run(
@@ -738,6 +739,8 @@ def _train_step(
                 window.lr = group["lr"] / group["lr_scale"]  # the schedule's LR, before multipliers
                 if problem is None:
                     run.optimizer.step()
+                    if run.after_optimizer_step is not None:
+                        run.after_optimizer_step(accelerator.unwrap_model(run.model))
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
     if problem is not None:
@@ -777,6 +780,8 @@ def train(
     on_step_end: Callable[[LoopState, dict[str, float]], None] | None = None,
     on_train_end: Callable[[Accelerator, nn.Module, LoopState], None] | None = None,
     evaluate: Callable[[Accelerator, nn.Module, LoopState], Mapping[str, float]] | None = None,
+    checkpoint_objects: Sequence[Any] = (),
+    after_optimizer_step: Callable[[nn.Module], None] | None = None,
     hparams: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` for ``config.steps`` optimizer steps; call on every process.
@@ -803,13 +808,22 @@ def train(
             and the state; it returns metrics (the same on every process: gather with
             ``gather_outputs``), which are logged as ``eval/<name>``, passed to ``on_step_end``
             with the same prefix and kept in ``TrainResult.evaluations``.
+        checkpoint_objects: more objects with ``state_dict()`` / ``load_state_dict()`` saved in every
+            checkpoint and restored on resume (e.g. an EMA of the weights), through Accelerate's
+            ``register_for_checkpointing``.
+        after_optimizer_step: called on every process right after each optimizer step that was
+            not skipped, with the unwrapped model, before that step's checkpoint is written: the
+            place for an EMA of the weights (which goes in ``checkpoint_objects``).
         hparams: extra values recorded with the tracker's hyper-parameters (e.g. the model config).
 
     Returns:
         A ``TrainResult``. Raises ``NonFiniteLossError`` (policy 'stop') without saving the bad step.
     """
     run = _prepare_run(model, dataset, config, forward, collate_fn)
+    run.after_optimizer_step = after_optimizer_step
     accelerator = run.accelerator
+    if checkpoint_objects:
+        accelerator.register_for_checkpointing(*checkpoint_objects)
     checkpoints = CheckpointManager(Path(config.output_dir) / "checkpoints", config.keep_last)
     start = checkpoints.resolve(resume)
     # Per process, so that random masks and noise differ between ranks; a resume then replaces

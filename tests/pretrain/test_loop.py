@@ -177,6 +177,34 @@ def test_evaluate_runs_every_eval_every_steps_and_at_the_end_in_eval_mode(tmp_pa
     assert [logged.get("eval/score") for logged in seen] == [None, 2.0, None, 4.0, 5.0]
 
 
+def test_after_optimizer_step_sees_every_applied_update_and_extra_state_is_checkpointed(tmp_path):
+    class Counter:
+        def __init__(self):
+            self.count = 0
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, state):
+            self.count = state["count"]
+
+    counter = Counter()
+
+    def count(model):
+        assert isinstance(model, ToyMasked)  # unwrapped
+        counter.count += 1
+
+    config = _config(tmp_path, steps=4, nan_policy="skip")
+    train(
+        ToyMasked(nan_at=(1,)), ToyVolumes(), config, after_optimizer_step=count, checkpoint_objects=[counter]
+    )
+    assert counter.count == 3  # step 2 (index 1) was skipped: no update, no call
+    restored = Counter()
+    more = _config(tmp_path, steps=5, nan_policy="skip")
+    train(ToyMasked(), ToyVolumes(), more, resume="latest", checkpoint_objects=[restored])
+    assert restored.count == 3  # loaded from the step-4 checkpoint
+
+
 def test_a_launch_accelerate_does_not_connect_is_refused(monkeypatch):
     # torchrun on a CPU-only machine without ACCELERATE_USE_CPU=1: every rank would think it is alone
     # and all would write the same checkpoints.
