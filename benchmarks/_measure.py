@@ -1,197 +1,25 @@
-"""Measurement helpers shared by the benchmark scripts.
+"""Measurement helpers shared by the benchmark scripts: a re-export of ``seqvision.bench.measure``.
 
-Peak memory is the peak resident set size (RSS) of the process, read from ``/proc/self/status``,
-above a baseline taken right after the peak counter is reset through ``/proc/self/clear_refs``
-(Linux only). A script resets the counter once its inputs (and model) exist, so the peak above the
-baseline is what the measured call itself allocated. Because RSS only ever counts one process,
-every measurement runs in a fresh process (``run_in_fresh_process``): memory kept by the allocator
-or by caches from an earlier measurement cannot hide or inflate the next one.
-
-The scripts are run as ``python benchmarks/<name>.py``, which puts ``benchmarks/`` on ``sys.path``;
-they ``import _measure`` and so does the spawned child that re-imports the script. Importing this
-module also puts the repository root on ``sys.path`` (after ``benchmarks/``): a script then measures
-the ``seqvision`` of this checkout, not another copy that happens to be installed (an editable
-install of a different tree would otherwise win, as the root is not on ``sys.path`` by itself).
+The helpers live in the package (``seqvision bench`` uses them too); this module keeps the scripts'
+``from _measure import ...`` working. The scripts are run as ``python benchmarks/<name>.py``, which
+puts ``benchmarks/`` on ``sys.path``. Importing this module also puts the repository root on
+``sys.path`` (after ``benchmarks/``) before it imports seqvision: a script then measures the
+``seqvision`` of this checkout, not another copy that happens to be installed (an editable install
+of a different tree would otherwise win, as the root is not on ``sys.path`` by itself).
 """
 
 from __future__ import annotations
 
-import csv
-import gc
-import multiprocessing
-import os
-import re
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
-
-__all__ = [
-    "CLEAR_REFS",
-    "REPO_ROOT",
-    "SLOW_CALL_S",
-    "agg_pyplot",
-    "cpu_busy_fraction",
-    "markdown_table",
-    "median_time",
-    "memory_kib",
-    "peak_memory_supported",
-    "reset_peak_memory",
-    "run_in_fresh_process",
-    "save_figure_atomic",
-    "timed_call",
-    "write_csv_atomic",
-]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
-    # Right after benchmarks/ (sys.path[0]) and before site-packages; spawned children inherit it.
+    # Right after benchmarks/ (sys.path[0]) and before site-packages; child processes inherit it.
     sys.path.insert(1, str(REPO_ROOT))
 
-CLEAR_REFS = Path("/proc/self/clear_refs")
-STATUS = Path("/proc/self/status")
-# A call slower than this is timed once: repeating it would not make its time more exact, only the
-# sweep longer.
-SLOW_CALL_S = 5.0
+from seqvision.bench.measure import *  # noqa: E402, F403
+from seqvision.bench.measure import STATUS  # noqa: E402
+from seqvision.bench.measure import __all__ as _measure_all  # noqa: E402
 
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def peak_memory_supported() -> bool:
-    """Whether this system lets a process reset and read its peak RSS (Linux ``/proc``)."""
-    return CLEAR_REFS.exists() and STATUS.exists()
-
-
-def memory_kib() -> tuple[int, int]:
-    """Return ``(peak, current)`` resident set size of this process in KiB (VmHWM, VmRSS)."""
-    status = STATUS.read_text()
-    return tuple(int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in ("VmHWM", "VmRSS"))
-
-
-def reset_peak_memory() -> int:
-    """Reset the peak-RSS counter to the current RSS and return that RSS (KiB), the baseline.
-
-    Garbage is collected first so that objects already unreachable do not count in the baseline
-    and then get freed during the measured call, which would hide part of its allocations.
-    """
-    gc.collect()
-    CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (see proc(5))
-    return memory_kib()[1]
-
-
-def cpu_busy_fraction(interval_s: float = 0.5) -> float:
-    """Fraction of all CPUs' time spent busy (not idle or waiting on I/O) over the next ``interval_s``.
-
-    Called while the benchmark itself is idle, it tells how much other processes use the CPUs.
-    That matters more than it seems: PyTorch's OpenMP threads wait for each other at the end of
-    every parallel region, so one busy core can slow a 2-thread forward pass several times over.
-    """
-
-    def totals() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle, iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total; guest time is inside user
-
-    busy0, total0 = totals()
-    time.sleep(interval_s)
-    busy1, total1 = totals()
-    return (busy1 - busy0) / max(total1 - total0, 1)
-
-
-def timed_call(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
-    """Call ``fn(*args, **kwargs)`` once and return its result and its wall time in seconds."""
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
-
-
-def median_time(fn: Callable[[], Any], repeats: int, first_s: float, slow_s: float = SLOW_CALL_S) -> float:
-    """Median wall time of ``repeats`` calls of ``fn()``, after a first (warm-up) call that took ``first_s``.
-
-    When the first call took ``slow_s`` seconds or more it is the measurement: warm-up effects are
-    small against a call that long, and repeating it would multiply the length of the sweep.
-    """
-    if first_s >= slow_s:
-        return first_s
-    times = []
-    for _ in range(repeats):
-        _, seconds = timed_call(fn)
-        times.append(seconds)
-    return statistics.median(times)
-
-
-def run_in_fresh_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """Run ``fn(*args, **kwargs)`` in a new spawned process and return its result.
-
-    ``spawn`` (not ``fork``) so that the child starts without the parent's heap, threads and
-    caches. ``fn`` is pickled by reference, so it must be a top-level function of an importable
-    module; a function of the script being run works too, as the child re-imports the script
-    under the name ``__mp_main__``, which it also registers as ``__main__``.
-    """
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args, **kwargs).result()
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Format string cells as a markdown table whose columns are padded to a common width."""
-    rows = [tuple(header), *(tuple(row) for row in rows)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def _replace_atomic(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
-    # Write next to the target (same file system) and rename over it, so a reader never sees a
-    # half-written file and an interrupted run leaves the previous result in place.
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_csv_atomic(rows: Sequence[dict], path: Path) -> None:
-    """Write ``rows`` (dicts sharing the keys of the first one) as a CSV file at ``path``, atomically."""
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    _replace_atomic(path.with_suffix(".tmp"), path, write)
-
-
-def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> None:
-    """Save a matplotlib figure at ``path``, atomically; ``savefig_kwargs`` go to ``fig.savefig``."""
-    path = Path(path)
-    # The temporary name keeps the suffix, from which matplotlib picks the file format.
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    _replace_atomic(tmp, path, lambda p: fig.savefig(p, **savefig_kwargs))
-
-
-def agg_pyplot():
-    """Return ``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["REPO_ROOT", "STATUS", *_measure_all]

@@ -5,14 +5,16 @@
                                             [--chunk-tokens 256] [--repeats 3] [--threads N]
                                             [--out benchmarks/out]
 
-Every model is made with ``timm.create_model(name, pretrained=False, dynamic_img_size=True)``
-(``import seqvision`` registers the ``vir_*``, ``lightnet_*``, ``vim_*`` and ``vmamba_*`` models; nothing is
-downloaded) and run in eval mode under ``torch.no_grad``, float32, batch 1, on square images of
-each ``--sizes``. A model name may end with how to call the model, which also names its rows:
+The measurement is ``seqvision.bench.models`` (also behind ``seqvision bench models``, which adds
+batch sizes, training steps, FLOPs and CUDA); this script keeps the original sweep: batch 1, eval
+under ``torch.no_grad``, float32, every model made with ``timm.create_model(name, pretrained=False,
+dynamic_img_size=True)`` (``import seqvision`` registers the ``vir_*``, ``lightnet_*``, ``vim_*`` and
+``vmamba_*`` models; nothing is downloaded), on square images of each ``--sizes``. A model name may
+end with how to call the model, which also names its rows:
 
     MODEL              ``m(x)``
-    MODEL:chunk        ``m.set_retention_form("chunk", chunk_size=--chunk-size)`` before ``m.eval()``,
-                       then ``m(x)`` (ViR's chunkwise retention)
+    MODEL:chunk        ``m.set_retention_form("chunk", chunk_size=--chunk-size)`` first, then ``m(x)``
+                       (ViR's chunkwise retention)
     MODEL:streaming    ``m.forward_streaming(x, chunk_tokens=--chunk-tokens)`` (ViR's chunkwise
                        streaming inference; returns logits like ``m(x)``)
 
@@ -25,9 +27,9 @@ Each (model, size) runs in a fresh process. After the model and the input image 
 counter is reset (``/proc/self/clear_refs``, Linux only), so the peak above that baseline, over the
 warm-up and the timed calls, is what the forward pass allocates on top of the weights: activations
 and workspace. Time is the median of ``--repeats`` calls after one warm-up call; when the warm-up
-call takes 5 s or more it is the single timed call. Prints a markdown table and the targets, and
-writes ``resolution_scaling.csv`` and ``resolution_scaling.png`` (throughput and peak memory against
-image size, log scales) to ``--out``.
+call takes 5 s or more it is the single timed call. A cell that fails is reported and the sweep goes
+on. Prints a markdown table and the targets, and writes ``resolution_scaling.csv`` and
+``resolution_scaling.png`` (throughput and peak memory against image size, log scales) to ``--out``.
 
 Targets (each judged only when its model was measured at its size):
     1. at 896 px, vir_small_patch16_224:chunk throughput >= 1.5x vit_small's;
@@ -49,30 +51,15 @@ Columns:
 from __future__ import annotations
 
 import argparse
-import functools
-import itertools
+import math
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _measure import (
-    CLEAR_REFS,
-    agg_pyplot,
-    cpu_busy_fraction,
-    markdown_table,
-    median_time,
-    memory_kib,
-    peak_memory_supported,
-    reset_peak_memory,
-    run_in_fresh_process,
-    save_figure_atomic,
-    timed_call,
-    write_csv_atomic,
-)
-from tqdm import tqdm
+from _measure import CLEAR_REFS, cpu_busy_fraction, markdown_table, peak_memory_supported, write_csv_atomic
+
+from seqvision.bench.models import plot_models, resolve_specs, run_sweep
 
 REFERENCE = "vit_small_patch16_224"
 VIR_CHUNK = "vir_small_patch16_224:chunk"
@@ -85,164 +72,33 @@ DEFAULT_SIZES = (224, 448, 896, 1344)
 BUSY_WARNING = 0.1  # CPU use by other processes above which the times are not trustworthy
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x)
-
-
-def _forward_streaming(model: torch.nn.Module, x: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    return model.forward_streaming(x, chunk_tokens=chunk_tokens)
-
-
-def _set_chunk_form(model: torch.nn.Module, chunk_size: int) -> None:
-    model.set_retention_form("chunk", chunk_size=chunk_size)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A timm model and how to call it: one row of the results per image size.
-
-    ``prepare`` and ``call`` travel to the child process by pickling, so they must be top-level
-    functions (or ``functools.partial`` of them).
-    """
-
-    label: str  # names the rows in the table, the CSV and the plot
-    model_name: str  # timm name, created with dynamic_img_size=True
-    call: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = _forward
-    prepare: Callable[[torch.nn.Module], None] | None = None  # applied before model.eval()
-    required: str | None = None  # model method the call needs, checked for a clear error
-    description: str = "m(x)"
-
-
-def parse_spec(text: str, chunk_size: int, chunk_tokens: int) -> ModelSpec:
-    """Turn a ``--models`` entry, ``NAME`` or ``NAME:chunk`` or ``NAME:streaming``, into a ModelSpec."""
-    name, _, how = text.partition(":")
-    if how in ("", "forward"):
-        return ModelSpec(name, name)
-    if how == "chunk":
-        return ModelSpec(
-            f"{name}:chunk",
-            name,
-            prepare=functools.partial(_set_chunk_form, chunk_size=chunk_size),
-            required="set_retention_form",
-            description=f'm.set_retention_form("chunk", chunk_size={chunk_size}); m(x)',
-        )
-    if how == "streaming":
-        return ModelSpec(
-            f"{name}:streaming",
-            name,
-            call=functools.partial(_forward_streaming, chunk_tokens=chunk_tokens),
-            required="forward_streaming",
-            description=f"m.forward_streaming(x, chunk_tokens={chunk_tokens})",
-        )
-    raise ValueError(f"{text!r}: the call after ':' must be 'chunk' or 'streaming'")
-
-
-def import_seqvision() -> str | None:
-    """Import seqvision, which registers its models in timm; return why it failed, or None."""
-    try:
-        import seqvision  # noqa: F401
-    except Exception as e:  # a broken seqvision must not stop measuring timm's own models
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def measure(spec: ModelSpec, img_size: int, repeats: int, threads: int) -> dict:
-    """Run in a child process: time and peak memory of ``spec`` on one ``img_size`` image."""
-    import timm
-
-    torch.set_num_threads(threads)
-    import_seqvision()  # in every child alike, so all models run in the same kind of process
-    torch.manual_seed(0)
-    model = timm.create_model(spec.model_name, pretrained=False, dynamic_img_size=True)
-    if spec.required and not hasattr(model, spec.required):
-        raise TypeError(f"{spec.label}: {type(model).__name__} has no {spec.required}()")
-    if spec.prepare is not None:
-        spec.prepare(model)
-    model.eval()
-    x = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    weights = itertools.chain(model.parameters(), model.buffers())
-    weights_mib = sum(t.numel() * t.element_size() for t in weights) / 2**20
-    patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if isinstance(patch_size, int):
-        patch_size = (patch_size, patch_size)
-    tokens = (img_size // patch_size[0]) * (img_size // patch_size[1]) if patch_size else None
-
-    with torch.no_grad():
-        baseline = reset_peak_memory()  # the weights and the image exist: only the forward pass counts
-        out, first = timed_call(spec.call, model, x)
-        if out.ndim != 2 or out.shape[0] != 1:  # a call returning features would not be comparable
-            raise RuntimeError(f"{spec.label}: expected logits of shape (1, classes), got {tuple(out.shape)}")
-        del out
-        time_s = median_time(lambda: spec.call(model, x), repeats, first)
-        peak, _ = memory_kib()  # the peak over the warm-up and the timed calls
-    return {
-        "model": spec.label,
-        "timm_name": spec.model_name,
-        "call": spec.description,
-        "img_size": img_size,
-        "threads": threads,
-        "tokens": tokens,
-        "weights_mib": weights_mib,
-        "time_s": time_s,
-        "images_per_s": 1 / time_s,
-        "peak_mib": (peak - baseline) / 1024,
-    }
-
-
-def run_all(specs: list[ModelSpec], sizes: list[int], repeats: int, threads: int) -> list[dict]:
-    cases = [(spec, size) for size in sizes for spec in specs]
-    results = []
-    with tqdm(cases, desc="resolution", unit="case") as progress:
-        for spec, size in progress:
-            progress.set_postfix_str(f"{spec.label} {size}px")
-            results.append(run_in_fresh_process(measure, spec, size, repeats, threads))
-    by_key = {(r["model"], r["img_size"]): r for r in results}
-    for r in results:
-        ref = by_key[(REFERENCE, r["img_size"])]
-        r["throughput_vs_vit"] = r["images_per_s"] / ref["images_per_s"]
-        r["memory_vs_vit"] = r["peak_mib"] / max(ref["peak_mib"], 1e-9)
-    return results
+def _cell(value: float, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def format_table(results: list[dict]) -> str:
-    header = (
-        "model",
-        "px",
-        "tokens",
-        "weights MiB",
-        "time ms",
-        "img/s",
-        "vs vit_small",
-        "peak MiB",
-        "mem vs vit_small",
-    )
+    header = ("model", "px", "tokens", "weights MiB", "time ms", "img/s", "vs vit_small", "peak MiB",
+              "mem vs vit_small")  # fmt: skip
     rows = [
-        (
-            r["model"],
-            str(r["img_size"]),
-            "-" if r["tokens"] is None else str(r["tokens"]),
-            f"{r['weights_mib']:.1f}",
-            f"{r['time_s'] * 1e3:.1f}",
-            f"{r['images_per_s']:.2f}",
-            f"{r['throughput_vs_vit']:.2f}x",
-            f"{r['peak_mib']:.1f}",
-            f"{r['memory_vs_vit']:.3f}",
-        )
+        (r["model"], str(r["img_size"]), _cell(r["tokens"], "d"), _cell(r["weights_mib"], ".1f"),
+         _cell(r["time_s"] * 1e3, ".1f"), _cell(r["images_per_s"], ".2f"),
+         _cell(r["throughput_vs_peer"], ".2f") + ("x" if r["status"] == "ok" else ""),
+         _cell(r["peak_mib"], ".1f"), _cell(r["memory_vs_peer"], ".3f"))
         for r in results
-    ]
+    ]  # fmt: skip
     return markdown_table(header, rows)
 
 
 def targets(results: list[dict]) -> list[str]:
-    by_key = {(r["model"], r["img_size"]): r for r in results}
+    by_key = {(r["model"], r["img_size"]): r for r in results if r["status"] == "ok"}
     checks = [
         ("vir_small (chunk form) throughput at 896 px >= 1.5x vit_small's", (VIR_CHUNK, 896),
-         lambda r: r["throughput_vs_vit"] >= 1.5, lambda r: f"{r['throughput_vs_vit']:.2f}x"),
+         lambda r: r["throughput_vs_peer"] >= 1.5, lambda r: f"{r['throughput_vs_peer']:.2f}x"),
         ("vir_small forward_streaming peak memory at 1344 px <= 0.5x vit_small's", (VIR_STREAMING, 1344),
-         lambda r: r["memory_vs_vit"] <= 0.5, lambda r: f"{r['memory_vs_vit']:.3f}x"),
+         lambda r: r["memory_vs_peer"] <= 0.5, lambda r: f"{r['memory_vs_peer']:.3f}x"),
         ("lightnet_small at 896 px: throughput >= 2x and peak memory <= 0.5x vit_small's", (LIGHTNET, 896),
-         lambda r: r["throughput_vs_vit"] >= 2 and r["memory_vs_vit"] <= 0.5,
-         lambda r: f"{r['throughput_vs_vit']:.2f}x throughput, {r['memory_vs_vit']:.3f}x memory"),
+         lambda r: r["throughput_vs_peer"] >= 2 and r["memory_vs_peer"] <= 0.5,
+         lambda r: f"{r['throughput_vs_peer']:.2f}x throughput, {r['memory_vs_peer']:.3f}x memory"),
     ]  # fmt: skip
     lines = []
     for name, key, ok, fmt in checks:
@@ -250,33 +106,6 @@ def targets(results: list[dict]) -> list[str]:
             r = by_key[key]
             lines.append(f"{'MET   ' if ok(r) else 'MISSED'}  {name}: measured {fmt(r)}")
     return lines
-
-
-def plot(results: list[dict], path: Path, threads: int) -> None:
-    plt = agg_pyplot()
-    from matplotlib.ticker import NullLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    labels = list(dict.fromkeys(r["model"] for r in results))
-    sizes = sorted({r["img_size"] for r in results})
-    for label in labels:
-        rs = [r for r in results if r["model"] == label]
-        xs = [r["img_size"] for r in rs]
-        axes[0].loglog(xs, [r["images_per_s"] for r in rs], "o-", label=label)
-        # log axes cannot show 0 or below; a peak that small is noise anyway
-        axes[1].loglog(xs, [max(r["peak_mib"], 1e-2) for r in rs], "o-", label=label)
-    axes[0].set_title("throughput (images/s, batch 1)")
-    axes[1].set_title("peak memory above the weights (MiB)")
-    for ax in axes:
-        ax.set_xlabel("image size (px)")
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.xaxis.set_minor_locator(NullLocator())  # only the measured sizes as x ticks
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"resolution scaling on CPU ({threads} threads, float32, forward, no_grad)")
-    fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
 
 
 def _positive_int(text: str) -> int:
@@ -308,19 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not peak_memory_supported():
         parser.error(f"peak memory is reset through {CLEAR_REFS}, which this system lacks (Linux only)")
-
-    try:
-        specs = [parse_spec(m, args.chunk_size, args.chunk_tokens) for m in [REFERENCE, *args.models]]
+    try:  # the reference first; unknown models fail here rather than in the middle of the sweep
+        specs = resolve_specs(args.models, REFERENCE, args.chunk_size, args.chunk_tokens)
     except ValueError as e:
         parser.error(str(e))
-    specs = list({spec.label: spec for spec in specs}.values())  # the reference once, first
     import timm
 
-    import_error = import_seqvision()
-    missing = sorted({s.model_name for s in specs if not timm.is_model(s.model_name)})
-    if missing:  # fail before the sweep rather than in its middle
-        why = f"`import seqvision` failed: {import_error}" if import_error else "not registered in timm"
-        parser.error(f"unknown model(s) {', '.join(missing)} ({why})")
     args.out.mkdir(parents=True, exist_ok=True)
     busy = cpu_busy_fraction()
     if busy > BUSY_WARNING:
@@ -330,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
 
-    results = run_all(specs, args.sizes, args.repeats, args.threads)
+    results = run_sweep(
+        specs, args.sizes, [1], ["eval"], peer=REFERENCE, repeats=args.repeats, threads=args.threads,
+        count_operations=False, report=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    results.sort(key=lambda r: r["img_size"])  # the table groups the models of one size
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
         "float32, no_grad, batch 1"
@@ -340,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print("\n".join(targets(results)))
     write_csv_atomic(results, args.out / "resolution_scaling.csv")
-    plot(results, args.out / "resolution_scaling.png", args.threads)
+    title = f"resolution scaling on CPU ({args.threads} threads, float32, forward, no_grad)"
+    plot_models(results, args.out / "resolution_scaling.png", title)
     print(f"wrote {args.out / 'resolution_scaling.csv'} and {args.out / 'resolution_scaling.png'}")
     return 0
 

@@ -505,7 +505,10 @@ def _add_bench_parser(commands: Any) -> None:
     models.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     models.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_models"))
     models.add_argument(
-        "--max-memory-gib", type=float, default=None, help="default: 8 on the CPU, 90%% of the GPU's"
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="default: 8 on the CPU (half the available memory if less), 90%% of the GPU's",
     )
     models.add_argument(
         "--max-call-seconds", type=float, default=None, help="default: 120 on the CPU, none on CUDA"

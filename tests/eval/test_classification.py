@@ -70,14 +70,14 @@ def _config(train: Path, val: Path | None, output: Path, *, steps: int = 30, mod
     }
 
 
-class _Interrupted(Exception):
+class _InterruptedError(Exception):
     pass
 
 
 def _interrupt_at(step: int):
     def on_step_end(state, logged):
         if state.step == step:
-            raise _Interrupted
+            raise _InterruptedError
 
     return on_step_end
 
@@ -118,7 +118,7 @@ def test_a_seqvision_backbone_with_layer_decay_mixup_and_ema_resumes(folders, tm
     assert scales["model.head.weight"] == 1.0
     assert scales["model.patch_embed.proj.weight"] == pytest.approx(0.5**3)  # stem, 2 blocks, head
     assert job.mixup is not None and job.model.label_smoothing == 0.0
-    with pytest.raises(_Interrupted):  # killed after the checkpoint of step 2
+    with pytest.raises(_InterruptedError):  # killed after the checkpoint of step 2
         finetune_classifier(config, on_step_end=_interrupt_at(2))
     _, resumed = finetune_classifier(config, resume="latest")
     assert resumed.state.step == 4 and {"ema_top1", "ema_top5"} <= set(resumed.evaluations[-1])

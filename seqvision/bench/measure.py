@@ -1,0 +1,208 @@
+"""Measurement helpers shared by the benchmarks: fresh-process peak memory, timing, tables, files.
+
+Peak memory on the CPU is the peak resident set size (RSS) of the process, read from
+``/proc/self/status``, above a baseline taken right after the peak counter is reset through
+``/proc/self/clear_refs`` (Linux only). A measurement resets the counter once its inputs (and model)
+exist, so the peak above the baseline is what the measured call itself allocated. Because RSS only
+ever counts one process, every measurement runs in a fresh process (``run_in_fresh_process``):
+memory kept by the allocator or by caches from an earlier measurement cannot hide or inflate the
+next one.
+
+The scripts in ``benchmarks/`` import these helpers through ``benchmarks/_measure.py``, which
+re-exports them (and puts the checkout on ``sys.path`` first).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import multiprocessing
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CLEAR_REFS",
+    "FRESH_PROCESS_PRELOAD",
+    "SLOW_CALL_S",
+    "agg_pyplot",
+    "cpu_busy_fraction",
+    "cpu_name",
+    "markdown_table",
+    "median_time",
+    "memory_kib",
+    "peak_memory_supported",
+    "reset_peak_memory",
+    "run_in_fresh_process",
+    "save_figure_atomic",
+    "timed_call",
+    "write_csv_atomic",
+]
+
+CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
+# A call slower than this is timed once: repeating it would not make its time more exact, only the
+# sweep longer.
+SLOW_CALL_S = 5.0
+# Modules the template process of ``run_in_fresh_process`` imports once (see there). Only third-party
+# libraries: seqvision itself is imported by each child, after it took the parent's sys.path, so a
+# benchmark measures the seqvision its parent sees (a checkout, not another installed copy).
+FRESH_PROCESS_PRELOAD = ("torch", "timm")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_supported() -> bool:
+    """Whether this system lets a process reset and read its peak RSS (Linux ``/proc``)."""
+    return CLEAR_REFS.exists() and STATUS.exists()
+
+
+def memory_kib() -> tuple[int, int]:
+    """Return ``(peak, current)`` resident set size of this process in KiB (VmHWM, VmRSS)."""
+    status = STATUS.read_text()
+    return tuple(int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in ("VmHWM", "VmRSS"))
+
+
+def reset_peak_memory() -> int:
+    """Reset the peak-RSS counter to the current RSS and return that RSS (KiB), the baseline.
+
+    Garbage is collected first so that objects already unreachable do not count in the baseline
+    and then get freed during the measured call, which would hide part of its allocations.
+    """
+    gc.collect()
+    CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS (see proc(5))
+    return memory_kib()[1]
+
+
+def cpu_busy_fraction(interval_s: float = 0.5) -> float:
+    """Fraction of all CPUs' time spent busy (not idle or waiting on I/O) over the next ``interval_s``.
+
+    Called while the benchmark itself is idle, it tells how much other processes use the CPUs.
+    That matters more than it seems: PyTorch's OpenMP threads wait for each other at the end of
+    every parallel region, so one busy core can slow a 2-thread forward pass several times over.
+    """
+
+    def totals() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total; guest time is inside user
+
+    busy0, total0 = totals()
+    time.sleep(interval_s)
+    busy1, total1 = totals()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def timed_call(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
+    """Call ``fn(*args, **kwargs)`` once and return its result and its wall time in seconds."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], repeats: int, first_s: float, slow_s: float = SLOW_CALL_S) -> float:
+    """Median wall time of ``repeats`` calls of ``fn()``, after a first (warm-up) call that took ``first_s``.
+
+    When the first call took ``slow_s`` seconds or more it is the measurement: warm-up effects are
+    small against a call that long, and repeating it would multiply the length of the sweep.
+    """
+    if first_s >= slow_s:
+        return first_s
+    times = []
+    for _ in range(repeats):
+        _, seconds = timed_call(fn)
+        times.append(seconds)
+    return statistics.median(times)
+
+
+def _fresh_process_context() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context with torch and timm preloaded, or ``spawn`` where forkserver is missing."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Takes effect when the fork server starts (the first call); a server already running keeps its list.
+    context.set_forkserver_preload(list(FRESH_PROCESS_PRELOAD))
+    return context
+
+
+def run_in_fresh_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """Run ``fn(*args, **kwargs)`` in a new process and return its result.
+
+    The process is forked from a template (multiprocessing's fork server) that was started from
+    scratch and has imported ``FRESH_PROCESS_PRELOAD`` and nothing else: every call starts without
+    the parent's heap, threads and caches, as a ``spawn``-ed process would, but without paying the
+    seconds of importing torch and timm again. ``fn`` is pickled by reference, so it must be a
+    top-level function of an importable module; a function of the script being run works too, as
+    the child re-imports the script under the name ``__mp_main__``.
+
+    A child that dies (killed by the kernel when memory runs out) raises
+    ``concurrent.futures.process.BrokenProcessPool``.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_process_context()) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Format string cells as a markdown table whose columns are padded to a common width."""
+    rows = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _replace_atomic(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
+    # Write next to the target (same file system) and rename over it, so a reader never sees a
+    # half-written file and an interrupted run leaves the previous result in place.
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_csv_atomic(rows: Sequence[dict], path: Path) -> None:
+    """Write ``rows`` (dicts sharing the keys of the first one) as a CSV file at ``path``, atomically."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _replace_atomic(path.with_suffix(".tmp"), path, write)
+
+
+def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> None:
+    """Save a matplotlib figure at ``path``, atomically; ``savefig_kwargs`` go to ``fig.savefig``."""
+    path = Path(path)
+    # The temporary name keeps the suffix, from which matplotlib picks the file format.
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    _replace_atomic(tmp, path, lambda p: fig.savefig(p, **savefig_kwargs))
+
+
+def agg_pyplot():
+    """Return ``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
