@@ -473,6 +473,12 @@ def _bench_kernels(args: argparse.Namespace) -> int:
     return 1 if result.failed_checks else 0
 
 
+def _bench_digits(args: argparse.Namespace) -> int:
+    from seqvision.bench import digits
+
+    return digits.run_from_args(args)
+
+
 def _add_bench_parser(commands: Any) -> None:
     """``seqvision bench models`` and ``seqvision bench kernels`` (docs/PERFORMANCE.md)."""
     from seqvision.bench.kernels import FORMS
@@ -544,6 +550,16 @@ def _add_bench_parser(commands: Any) -> None:
         "--smoke", action="store_true", help="seconds: tiny lengths, 1 repeat (numbers meaningless)"
     )
     kernels.set_defaults(run=_bench_kernels)
+    from seqvision.bench.digits import add_arguments as add_digits_arguments
+
+    digits = which.add_parser(
+        "digits",
+        help="test accuracy of every backbone trained from scratch on scikit-learn's digits (CPU)",
+        description="One shared recipe, several seeds, each seqvision model judged against the best timm "
+        "peer of its size; prints a markdown table, writes CSV, JSON and PNG.",
+    )
+    add_digits_arguments(digits)
+    digits.set_defaults(run=_bench_digits)
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, example_config: str, example_set: str) -> None:
