@@ -121,6 +121,8 @@ def test_bad_arguments_are_named():
         digits.run_digits_comparison(models=["resnet18"], seeds=[0, 0])
     with pytest.raises(ValueError, match="steps"):
         digits.Recipe(steps=0)
+    with pytest.raises(ValueError, match="jobs: expected an int >= 1, got 0"):
+        digits.run_digits_comparison(models=["resnet18"], jobs=0)
 
 
 def _csv(path):
@@ -144,6 +146,37 @@ def test_smoke_writes_csv_png_and_table(tmp_path, capsys, one_thread):
     table = (tmp_path / "table.md").read_text()
     assert "| lrcn_resnet18" in table and "| resnet18" in table and "| lrcn_resnet18" in out
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+    # --resume reuses the finished runs (same recipe) instead of training them again.
+    assert main(["bench", "digits", "--smoke", "--resume", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("(reused from runs.csv)") == 2
+    assert _csv(tmp_path / "runs.csv") == runs
+    assert len(_csv(tmp_path / "curves.csv")) == 2 * digits.SMOKE["steps"]
+
+    # --jobs 2 trains the two runs in worker processes at once: the same runs, the same accuracies.
+    parallel = tmp_path / "parallel"
+    assert main(["bench", "digits", "--smoke", "--jobs", "2", "--out", str(parallel)]) == 0
+    assert "2 runs at a time" in (parallel / "table.md").read_text()
+    in_workers = _csv(parallel / "runs.csv")
+    assert [(r["model"], r["seed"]) for r in in_workers] == [("lrcn_resnet18", "0"), ("resnet18", "0")]
+    for ran, worker in zip(runs, in_workers, strict=True):
+        assert (worker["top1_pct"], worker["final_loss"]) == (ran["top1_pct"], ran["final_loss"])
+
+    # --report-only tabulates finished runs from other folders (other machines) and trains nothing.
+    merged = tmp_path / "merged"
+    result = digits.run_digits_comparison(
+        ["lrcn_resnet18", "resnet18", "vit_tiny_patch16_224"], [0], digits.SMOKE["steps"], merged,
+        batch_size=digits.SMOKE["batch_size"], runs_from=[tmp_path], report_only=True,
+    )  # fmt: skip
+    assert result["missing"] == [["vit_tiny_patch16_224", 0]]
+    assert _csv(merged / "runs.csv") == runs and runs[0]["device"] == digits.run_device()
+    assert "| lrcn_resnet18" in (merged / "table.md").read_text()
+    with pytest.raises(FileNotFoundError, match=r"runs_from: .* has no runs\.csv"):
+        digits.run_digits_comparison(["resnet18"], [0], runs_from=[tmp_path / "nowhere"], report_only=True)
+    with pytest.raises(ValueError, match="report_only: no finished run"):
+        digits.run_digits_comparison(
+            ["resnet18"], [0], out=tmp_path / "other", runs_from=[tmp_path], report_only=True
+        )
 
 
 def test_resnet18_learns_the_digits(one_thread, tmp_path):

@@ -27,15 +27,25 @@ the best timm peer of its size". ViR-T, LightNet-T and Vim-T (5.4-6.8 M paramete
 against ViT-T and DeiT-T (5.4 M); LRCN-ResNet-18 (12.0 M) and VMamba-T (22.1 M) against ResNet-18
 (11.2 M), the only timm model of the comparison in their range. NOTE: timm's
 ``deit_tiny_patch16_224`` and ``vit_tiny_patch16_224`` are the same architecture (they differ in
-their pretrained weights only), so from scratch with the same seed they are the same run; both are
-kept because the brief names both, and their agreement doubles as a determinism check.
+their pretrained weights only), so from scratch with the same seed they are the same run on a CPU
+(a determinism check); on a GPU, whose backward kernels add in varying order, they drift apart
+over a long run like two seeds would.
 
 Recipe (``Recipe``): AdamW (the loop's groups: no weight decay on biases, norms and
 ``no_weight_decay()`` names), one lr / weight decay / warmup / cosine schedule, batch size, number
 of optimizer steps, gradient clipping and no label smoothing for every model; float32; one thread
 by default (on a loaded 2-core machine two threads that wait for each other at every parallel
 region are slower than one). The seed sets the initialisation (``set_seed`` before the model is
-built) and the batch order (the loop's seedable sampler).
+built) and the batch order (the loop's seedable sampler). The default budget, 1,000 steps of 64
+(47 epochs), is where the timm peers' training loss has flattened; it costs seconds per run on a
+GPU and 30-45 minutes per run for the ViT-size models on one CPU core (Vim-T: about a minute per
+step there).
+
+Where and how (``run_digits_comparison``): on the GPU when Accelerate picks one (CUDA unless
+``ACCELERATE_USE_CPU=1``), else on the CPU; every run records its device. ``jobs`` trains several
+runs at once in worker processes (the accuracies do not change; the time per step then includes
+the sharing). Runs are written after each one finishes, and ``resume`` / ``runs_from`` reuse
+finished runs of the same recipe, also from other machines; ``report_only`` tabulates what exists.
 """
 
 from __future__ import annotations
@@ -81,6 +91,7 @@ __all__ = [
     "judge",
     "load_digits_split",
     "main",
+    "run_device",
     "run_digits_comparison",
     "run_from_args",
     "summarize_runs",
@@ -263,8 +274,8 @@ def build_digits_datasets(split: DigitsSplit | None = None) -> tuple[DigitsDatas
 class Recipe:
     """The one training recipe every model gets (see the module docstring)."""
 
-    steps: int = 40
-    batch_size: int = 16
+    steps: int = 1000
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
@@ -284,6 +295,11 @@ class Recipe:
     @property
     def warmup_steps(self) -> int:
         return round(self.warmup_fraction * self.steps)
+
+    @property
+    def tag(self) -> str:
+        """Every field in one string: a finished run is reused (``resume``) only under an equal tag."""
+        return ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
 
     def loop_config(self, seed: int, output_dir: str | os.PathLike) -> Any:
         """The ``LoopConfig`` of one run: checkpoint only at the end (into a temporary folder), no tracker."""
@@ -325,7 +341,8 @@ class RunResult:
     includes Accelerate's set-up) and the last (which includes the checkpoint and the evaluation).
     ``train_s`` runs from ``train()`` to the start of the evaluation (the final checkpoint
     included); ``total_s`` also counts model creation, evaluation and clean-up.
-    ``other_cpu_busy`` is the fraction of all CPUs that other processes used during the run.
+    ``other_cpu_busy`` is the fraction of all CPUs that other processes used during the run;
+    ``recipe`` is ``Recipe.tag``; ``device`` is where the run trained (``run_device``).
     """
 
     model: str
@@ -333,6 +350,7 @@ class RunResult:
     size_class: str
     params: int
     seed: int
+    recipe: str
     steps: int
     batch_size: int
     top1_pct: float
@@ -342,6 +360,7 @@ class RunResult:
     final_train_accuracy_pct: float
     loss_drop_last_quarter: float
     ms_per_step: float
+    device: str
     train_s: float
     eval_s: float
     total_s: float
@@ -396,6 +415,26 @@ def _step_median_ms(start: float, ends: Sequence[float]) -> float:
     if len(durations) >= 3:
         durations = durations[1:-1]
     return float(np.median(durations) * 1000) if len(durations) else math.nan
+
+
+def _step_done(model: torch.nn.Module) -> float:
+    """The time a step ended: on CUDA after its kernels finished, so ``ms_per_step`` is not launch time."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def run_device() -> str:
+    """Where ``train_and_evaluate`` trains: the GPU that Accelerate picks (CUDA unless
+    ACCELERATE_USE_CPU=1), else the CPU; returned as the device's name."""
+    from accelerate.utils import parse_flag_from_env
+
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return torch.cuda.get_device_name()
+    from seqvision.bench.measure import cpu_name
+
+    return cpu_name()
 
 
 def _loss_drop_last_quarter(history: Sequence[Mapping[str, float]]) -> float:
@@ -468,7 +507,7 @@ def train_and_evaluate(
             recipe.loop_config(seed, folder),
             forward=functools.partial(classifier_forward, input_key="image"),
             evaluate=evaluate,
-            on_step_end=lambda state, logged: step_ends.append(time.perf_counter()),
+            on_step_end=lambda state, logged: step_ends.append(_step_done(model)),
         )
     report = reports[-1]
     last = result.history[-1] if result.history else {}
@@ -479,6 +518,7 @@ def train_and_evaluate(
         size_class=spec.size_class,
         params=params,
         seed=seed,
+        recipe=recipe.tag,
         steps=recipe.steps,
         batch_size=recipe.batch_size,
         top1_pct=100 * report.top1,
@@ -488,6 +528,7 @@ def train_and_evaluate(
         final_train_accuracy_pct=100 * float(last.get("accuracy", math.nan)),
         loss_drop_last_quarter=_loss_drop_last_quarter(result.history),
         ms_per_step=_step_median_ms(start, step_ends),
+        device=run_device(),
         train_s=eval_times[0] - start,
         eval_s=eval_times[1] - eval_times[0],
         total_s=total_s,
@@ -546,6 +587,8 @@ def summarize_runs(runs: Sequence[Mapping[str, Any] | RunResult]) -> list[dict[s
             "top1_min": min(top1),
             "top1_max": max(top1),
             "ms_per_step": statistics.median(float(r["ms_per_step"]) for r in rows),
+            # Where the runs trained (a resumed comparison can hold runs from several machines).
+            "device": " + ".join(dict.fromkeys(str(r.get("device", "")) for r in rows)),
             "total_s_mean": statistics.fmean(float(r["total_s"]) for r in rows),
             "final_loss_mean": statistics.fmean(float(r["final_loss"]) for r in rows),
         }
@@ -620,6 +663,7 @@ def format_table(summaries: Sequence[Mapping[str, Any]], verdicts: Sequence[Mapp
         "min",
         "max",
         "ms/step",
+        "device",
         "s/run",
         "final loss",
         "gap to best peer",
@@ -638,6 +682,7 @@ def format_table(summaries: Sequence[Mapping[str, Any]], verdicts: Sequence[Mapp
                 f"{s['top1_min']:.1f}",
                 f"{s['top1_max']:.1f}",
                 _fmt(s["ms_per_step"], ".0f"),
+                s.get("device", ""),
                 f"{s['total_s_mean']:.0f}",
                 _fmt(s["final_loss_mean"], ".3f"),
                 gap,
@@ -677,6 +722,37 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     for row in rows:
         writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
     _write_text(path, buffer.getvalue())
+
+
+def _finished_runs(out: Path, recipe: Recipe) -> dict[tuple[str, int], RunResult]:
+    """The runs of an earlier, interrupted comparison in ``out`` (runs.csv + curves.csv) under ``recipe``."""
+    import csv
+
+    if not (out / "runs.csv").is_file():
+        return {}
+    with (out / "runs.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("recipe") == recipe.tag]
+    curves: dict[tuple[str, int], list[dict[str, float]]] = {}
+    if (out / "curves.csv").is_file():
+        with (out / "curves.csv").open(newline="") as f:
+            for r in csv.DictReader(f):
+                curves.setdefault((r["model"], int(r["seed"])), []).append(
+                    {
+                        "step": float(r["step"]),
+                        "loss": float(r["loss"]),
+                        "accuracy": float(r["train_accuracy_pct"]) / 100,
+                        "lr": float(r["lr"]),
+                    }
+                )
+    types = {"str": str, "int": int, "float": float}
+    finished = {}
+    for row in rows:
+        values = {
+            f.name: types[f.type](row[f.name]) for f in dataclasses.fields(RunResult) if f.name != "history"
+        }
+        key = (values["model"], values["seed"])
+        finished[key] = RunResult(**values, history=curves.get(key, []))
+    return finished
 
 
 def _curve_rows(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
@@ -765,6 +841,40 @@ def _check_models(models: Sequence[str]) -> tuple[str, ...]:
     return models
 
 
+@functools.cache
+def _worker_datasets() -> tuple[DigitsDataset, DigitsDataset]:
+    train_set, test_set, _ = build_digits_datasets()
+    return train_set, test_set
+
+
+def _train_in_worker(name: str, seed: int, recipe: Recipe, threads: int | None) -> RunResult:
+    """One run in a worker process of ``run_digits_comparison(jobs > 1)``; datasets built once per worker."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = train_and_evaluate(name, seed, recipe, *_worker_datasets())
+    gc.collect()
+    return result
+
+
+def _runs_in_workers(
+    keys: Sequence[tuple[str, int]], recipe: Recipe, threads: int | None, jobs: int
+) -> Iterator[RunResult]:
+    """Train the (model, seed) ``keys`` in ``jobs`` fresh worker processes; yield each run as it finishes."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from seqvision.bench.measure import fresh_process_context
+
+    # Fresh processes (a fork server that imported torch only): no CUDA context or threads inherited.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=fresh_process_context()) as pool:
+        futures = [pool.submit(_train_in_worker, name, seed, recipe, threads) for name, seed in keys]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
 def _check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
     seeds = tuple(seeds)
     if (
@@ -787,6 +897,10 @@ def run_digits_comparison(
     recipe: Recipe | None = None,
     report: Callable[[str], None] | None = None,
     command: str = "",
+    resume: bool = False,
+    jobs: int = 1,
+    runs_from: Sequence[str | os.PathLike] = (),
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Train and score every model for every seed, sequentially in this process; write the results.
 
@@ -801,6 +915,16 @@ def run_digits_comparison(
         recipe: the whole recipe, overriding ``steps`` and ``batch_size``.
         report: called with one line per finished run (default: ``tqdm.write``).
         command: the command line, recorded in ``summary.json``.
+        resume: reuse the runs (and loss curves) that an interrupted comparison with the same recipe
+            left in ``out``, instead of training them again (listed as ``resumed`` in summary.json).
+        jobs: runs trained at the same time, each in its own worker process (1: in this process).
+            Above 1 the accuracies are those of a sequential comparison with the same seeds (each
+            run is seeded on its own), but ``ms_per_step`` is measured while the runs share the
+            CPUs or the GPU, so it is no longer the time of a run alone.
+        runs_from: more folders whose finished runs (same recipe) are reused like ``resume``'s, e.g.
+            runs trained on other machines; a (model, seed) found twice keeps the later folder's run.
+        report_only: train nothing: tabulate the reused runs of ``models`` x ``seeds`` that exist and
+            list the others as ``missing`` in summary.json.
 
     Returns:
         ``{"summaries", "verdicts", "runs", "table", "recipe", "data", "machine", "wall_s", "out"}``.
@@ -810,6 +934,8 @@ def run_digits_comparison(
     from seqvision.bench.measure import cpu_busy_fraction, cpu_name
 
     models, seeds = _check_models(models), _check_seeds(seeds)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs: expected an int >= 1, got {jobs!r}")
     recipe = recipe or Recipe(steps=steps, batch_size=batch_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -818,34 +944,62 @@ def run_digits_comparison(
     # Measured while this process is idle: how much of the CPUs other work takes (it slows every run).
     busy_before = cpu_busy_fraction(1.0)
     train_set, test_set, data_info = build_digits_datasets()
-    runs: list[RunResult] = []
+    finished: dict[tuple[str, int], RunResult] = {}
+    for folder in [*([out] if resume else []), *map(Path, runs_from)]:
+        if not (folder / "runs.csv").is_file():
+            raise FileNotFoundError(f"runs_from: {folder} has no runs.csv")
+        finished |= _finished_runs(folder, recipe)
+    # Seeds outermost: a comparison stopped early still has every model at the first seeds.
+    order = [(name, seed) for seed in seeds for name in models]
+    resumed = [key for key in order if key in finished]
+    done: dict[tuple[str, int], RunResult] = {}
+
+    def record(run: RunResult, reused: bool) -> None:
+        done[(run.model, run.seed)] = run
+        # After every run, so a long comparison that is stopped keeps what it finished.
+        finished_runs = [done[key] for key in order if key in done]
+        _write_csv(out / "runs.csv", [r.row() for r in finished_runs])
+        _write_csv(out / "curves.csv", _curve_rows(finished_runs))
+        report(
+            f"{run.model} seed {run.seed}: top-1 {run.top1_pct:.1f} %, final loss {run.final_loss:.3f}, "
+            f"{run.ms_per_step:.0f} ms/step, {run.total_s:.0f} s"
+            + (" (reused from runs.csv)" if reused else "")
+        )
+        progress.update(1)
+
+    todo = [] if report_only else [key for key in order if key not in finished]
+    missing = [key for key in order if key not in finished and key not in todo]
+    if len(missing) == len(order):
+        raise ValueError(
+            f"report_only: no finished run of {list(models)} x seeds {list(seeds)} under this recipe"
+        )
     with _threads(threads) as used_threads:
-        progress = tqdm(total=len(models) * len(seeds), desc="digits runs", unit="run")
+        progress = tqdm(total=len(order), desc="digits runs", unit="run")
         try:
-            for name in models:
-                for seed in seeds:
+            for key in resumed:
+                record(finished[key], reused=True)
+            if jobs == 1:
+                for name, seed in todo:
                     progress.set_postfix(model=name, seed=seed)
-                    run = train_and_evaluate(name, seed, recipe, train_set, test_set)
-                    runs.append(run)
+                    record(train_and_evaluate(name, seed, recipe, train_set, test_set), reused=False)
                     gc.collect()  # the run's model, optimizer and accelerator, before the next one
-                    # After every run, so a long comparison that is stopped keeps what it finished.
-                    _write_csv(out / "runs.csv", [r.row() for r in runs])
-                    report(
-                        f"{name} seed {seed}: top-1 {run.top1_pct:.1f} %, final loss {run.final_loss:.3f}, "
-                        f"{run.ms_per_step:.0f} ms/step, {run.total_s:.0f} s"
-                    )
-                    progress.update(1)
+            else:
+                for run in _runs_in_workers(todo, recipe, threads, jobs):
+                    record(run, reused=False)
         finally:
             progress.close()
+    runs = [done[key] for key in order if key in done]
     busy_after = cpu_busy_fraction(1.0)
     summaries = summarize_runs(runs)
     verdicts = judge(summaries)
     table = format_table(summaries, verdicts)
     wall_s = time.perf_counter() - begin
     machine = {
+        "device": run_device(),
         "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": used_threads,
+        "jobs": jobs,
         "cpu_busy_fraction_before": busy_before,
         "cpu_busy_fraction_after": busy_after,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -862,7 +1016,8 @@ def run_digits_comparison(
     _write_csv(out / "summary.csv", summary_rows)
     title = (
         f"sklearn digits at 32x32, {len(seeds)} seed(s), {recipe.steps} steps x batch {recipe.batch_size}, "
-        f"AdamW lr {recipe.lr:g}; {machine['cpu']}, {used_threads} thread(s)"
+        f"AdamW lr {recipe.lr:g}; {machine['device']}, {used_threads} CPU thread(s)"
+        + (f"; {jobs} runs at a time (ms/step measured while sharing)" if jobs > 1 else "")
     )
     plot_comparison(out / "digits.png", summaries, runs, title)
     _write_text(out / "table.md", f"{title}\n\n{table}\n")
@@ -886,6 +1041,8 @@ def run_digits_comparison(
         },
         "size_classes": SIZE_CLASSES,
         "seeds": list(seeds),
+        "resumed": [list(key) for key in resumed],
+        "missing": [list(key) for key in missing],
         "data": data_info,
         "machine": machine,
         "wall_s": wall_s,
@@ -957,6 +1114,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/digits"))
     parser.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="runs trained at the same time, each in a worker process (default %(default)s); above 1 "
+        "ms/step is measured while the runs share the machine",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the finished runs of an interrupted comparison in --out"
+    )
+    parser.add_argument(
+        "--runs-from",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="also reuse the finished runs (same recipe) in these folders, e.g. from other machines",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the reused runs that exist (the others are listed as missing)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help=f"seconds: {' and '.join(SMOKE['models'])}, seed 0, {SMOKE['steps']} steps of batch "
@@ -980,11 +1160,17 @@ def run_from_args(args: argparse.Namespace, prog: str = "seqvision bench digits"
             args.threads,
             batch_size=args.batch_size,
             command=command,
+            resume=args.resume,
+            jobs=args.jobs,
+            runs_from=args.runs_from,
+            report_only=args.report_only,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     print(result["table"])
+    if result["missing"]:
+        print("\nnot run (--report-only): " + ", ".join(f"{m} seed {s}" for m, s in result["missing"]))
     machine = result["machine"]
     print(
         f"\nwall time {result['wall_s']:.0f} s; CPU busy with other work before / after: "

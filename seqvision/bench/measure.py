@@ -130,7 +130,7 @@ def median_time(fn: Callable[[], Any], repeats: int, first_s: float, slow_s: flo
     return statistics.median(times)
 
 
-def _fresh_process_context() -> multiprocessing.context.BaseContext:
+def fresh_process_context() -> multiprocessing.context.BaseContext:
     """The ``forkserver`` context with torch and timm preloaded, or ``spawn`` where forkserver is missing."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
@@ -153,7 +153,7 @@ def run_in_fresh_process(fn: Callable[..., Any], *args, **kwargs) -> Any:
     A child that dies (killed by the kernel when memory runs out) raises
     ``concurrent.futures.process.BrokenProcessPool``.
     """
-    with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_process_context()) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=fresh_process_context()) as pool:
         return pool.submit(fn, *args, **kwargs).result()
 
 

@@ -280,7 +280,11 @@ class VisionRetentionNet(PatchTokenBackbone):
     def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+            # std 0.02, not the authors' 1e-6: the class token gets no position embedding here (ViT's
+            # does, std 0.02), so at 1e-6 its pre-norm variance sits far below LayerNorm's eps and every
+            # LayerScale'd (1e-5) branch keeps it there: the head reads ~0 and training stalls at chance
+            # (measured on sklearn digits: loss 2.30 after 60 AdamW steps, against 1.81 with 0.02).
+            trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_linear)
 
     def set_retention_form(self, form: str, chunk_size: int | None = None) -> None:

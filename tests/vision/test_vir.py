@@ -256,3 +256,14 @@ def test_bad_constructor_arguments():
         VisionRetentionNet(global_pool="max")
     with pytest.raises(ValueError, match="dim must be divisible by num_heads"):
         VisionRetentionNet(embed_dim=100, num_heads=3)
+
+
+def test_class_token_reaches_the_head_at_init():
+    """The head must read a normalised class token, not LayerNorm's eps: with the authors' 1e-6 init
+    (and no position embedding on the class token) its features were ~0 and training stalled at chance."""
+    torch.manual_seed(0)
+    model = timm.create_model("vir_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4).eval()
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(torch.randn(4, 3, 32, 32)), pre_logits=True)
+    assert features.shape == (4, 192)
+    assert features.std(dim=-1).min() > 0.5  # LayerNorm's output scale (1), not ~sqrt(var / eps)
