@@ -48,14 +48,12 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
-from seqvision.pretrain.config import CONFIG_FILE, load_sections, write_config
+from seqvision.pretrain.config import load_sections
 from seqvision.pretrain.loop import (
     LoopConfig,
     LoopState,
     TrainResult,
     gather_outputs,
-    resolve_mixed_precision,
-    train,
 )
 from seqvision.vision.captioner import LRCNCaptioner, caption_loss, shift_tokens
 
@@ -64,6 +62,7 @@ from .caption_data import CaptionDataset, CaptionRecord, load_coco_captions, loa
 from .caption_metrics import CaptionScores, caption_scores, save_caption_grid, write_coco_results
 from .caption_vocab import Vocabulary
 from .model_file import EVAL_DIR, MODEL_FILE, evaluation_folder, export_at_train_end, read_model_file
+from .pipeline import evaluate_on_every_process, evaluation_config, run_folder, train_job
 
 __all__ = [
     "CaptionEvaluation",
@@ -477,10 +476,7 @@ def run_caption_finetune(
         ``(<output_dir>/model.safetensors, TrainResult)``; ``TrainResult.evaluations`` holds the
         validation scores (bleu_1..4, rouge_l, cider, meteor when computed, samples, skipped).
     """
-    output = job.output_dir
-    output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_config(output / CONFIG_FILE, job.config)
+    output = run_folder(job)
     captioner = job.model.captioner
     _logger.info(
         "LRCN captioner (%s, %s): %.2f M parameters (%.2f M trainable); %d training pairs, "
@@ -521,16 +517,13 @@ def run_caption_finetune(
         extra=lambda: {"vocab": job.vocab.to_dict()},
     )
 
-    result = train(
-        job.model,
-        job.train_set,
-        job.loop,
-        resume=resume,
+    result = train_job(
+        job,
+        resume,
         forward=forward,
         on_step_end=on_step_end,
         on_train_end=on_train_end,
-        evaluate=evaluate if job.val_set is not None else None,
-        hparams={"model": job.config["model"], "data": job.config["data"]},
+        evaluate=evaluate,
     )
     return path, result
 
@@ -574,24 +567,29 @@ def evaluate_captioner(
     """
     saved = read_model_file(checkpoint, TASK)
     vocab = Vocabulary.from_dict(saved.extra["vocab"])
-    values = load_caption_config({**saved.config, "train": {}}, overrides)
-    if data is not None:
-        values["data"]["val"] = data if isinstance(data, Mapping) else str(data)
-    if not values["data"].get("val"):
-        raise ValueError("no captions to evaluate: give data (a caption file) or train with data.val set")
+    values = evaluation_config(
+        saved,
+        load_caption_config,
+        overrides,
+        data,
+        no_data="no captions to evaluate: give data (a caption file) or train with data.val set",
+    )
     captioner = build_captioner(values["model"], len(vocab), download=False)
     captioner.load_state_dict(saved.state, strict=True)
     model = CaptionerWithLoss(captioner).eval()
     records, _ = load_caption_records(values["data"]["val"], "val", values["data"]["format"])
     dataset = _dataset(records, None, values["data"], train=False, seed=0)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
-    prepared_model, loader = accelerator.prepare(model, _eval_loader(dataset, values["eval"]))
-    with torch.no_grad():
-        captions = generate_captions(accelerator, prepared_model, loader, dataset, vocab, values["eval"])
-    result = _evaluate_on_main(accelerator, captions, dataset, values["eval"])
-    files: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        folder = evaluation_folder(checkpoint, output_dir)
-        files = write_caption_evaluation(folder, result, dataset, values["eval"])
-    accelerator.wait_for_everyone()
-    return result, files
+    evaluation = values["eval"]
+
+    def run(accelerator: Accelerator, model: nn.Module, loader: DataLoader) -> CaptionEvaluation:
+        captions = generate_captions(accelerator, model, loader, dataset, vocab, evaluation)
+        return _evaluate_on_main(accelerator, captions, dataset, evaluation)
+
+    return evaluate_on_every_process(
+        model,
+        _eval_loader(dataset, evaluation),
+        mixed_precision=mixed_precision,
+        run=run,
+        write=lambda folder, result: write_caption_evaluation(folder, result, dataset, evaluation),
+        folder=evaluation_folder(checkpoint, output_dir),
+    )

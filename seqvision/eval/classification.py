@@ -47,14 +47,12 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import Mixup, create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Dataset
 
-from seqvision.pretrain.config import CONFIG_FILE, load_sections, write_config
+from seqvision.pretrain.config import load_sections
 from seqvision.pretrain.loop import (
     LoopConfig,
     LoopState,
     TrainResult,
     gather_outputs,
-    resolve_mixed_precision,
-    train,
 )
 
 from .class_metrics import (
@@ -73,6 +71,7 @@ from .model_file import (
     read_model_file,
     save_model_file,
 )
+from .pipeline import evaluate_on_every_process, evaluation_config, run_folder, train_job
 from .video_data import UnreadableDatasetError, VideoRecord, load_video_list
 
 __all__ = [
@@ -510,10 +509,7 @@ def run_classification_finetune(
         ``(<output_dir>/model.safetensors, TrainResult)``; ``TrainResult.evaluations`` holds top1,
         top5, mean_class_accuracy, samples, skipped (and ``ema_top1``, ``ema_top5`` with an EMA).
     """
-    output = job.output_dir
-    output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_config(output / CONFIG_FILE, job.config)
+    output = run_folder(job)
     network = job.model.model
     _logger.info(
         "%s: %.2f M parameters, %d classes, %d training images%s%s%s",
@@ -568,19 +564,16 @@ def run_classification_finetune(
             extra = {"classes": job.classes, "steps": state.step, "ema_decay": job.ema.decay}
             save_model_file(job.ema.module, output / EMA_FILE, task=TASK, config=sections, extra=extra)
 
-    result = train(
-        job.model,
-        job.train_set,
-        job.loop,
-        resume=resume,
+    result = train_job(
+        job,
+        resume,
         forward=forward,
         on_step_end=on_step_end,
         on_train_end=on_train_end,
-        evaluate=evaluate if job.val_set is not None else None,
+        evaluate=evaluate,
         checkpoint_objects=[job.ema] if job.ema is not None else (),
         # The wrapper's classifier: the EMA averages the same module the file saves.
         after_optimizer_step=(lambda wrapper: job.ema.update(wrapper.model)) if job.ema is not None else None,
-        hparams={"model": job.config["model"], "data": job.config["data"]},
     )
     return path, result
 
@@ -614,11 +607,13 @@ def evaluate_classifier(
     """
     saved = read_model_file(checkpoint, TASK)
     classes = list(saved.extra["classes"])
-    values = load_classification_config({**saved.config, "train": {}}, overrides)
-    if data is not None:
-        values["data"]["val"] = data if isinstance(data, Mapping) else str(data)
-    if not values["data"].get("val"):
-        raise ValueError("no images to evaluate: give data (a folder or list) or train with data.val set")
+    values = evaluation_config(
+        saved,
+        load_classification_config,
+        overrides,
+        data,
+        no_data="no images to evaluate: give data (a folder or list) or train with data.val set",
+    )
     network = build_classifier(values["model"], len(classes), download=False)
     network.load_state_dict(saved.state, strict=True)
     model = ClassifierWithLoss(network, clip_layout="image").eval()
@@ -626,13 +621,14 @@ def evaluate_classifier(
     _, eval_transform = build_transforms(values["data"], data_config)
     records, _ = _image_list(values["data"]["val"], "val", classes)
     dataset = ImageClassDataset(records, eval_transform, train=False, input_size=data_config["input_size"])
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
-    prepared_model, loader = accelerator.prepare(model, _eval_loader(dataset, values["eval"]))
-    with torch.no_grad():
-        report, gathered = run_classification_evaluation(accelerator, prepared_model, loader, dataset)
-    files: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        folder = evaluation_folder(checkpoint, output_dir)
-        files = write_classification_evaluation(folder, report, gathered, dataset, classes)
-    accelerator.wait_for_everyone()
+    (report, _), files = evaluate_on_every_process(
+        model,
+        _eval_loader(dataset, values["eval"]),
+        mixed_precision=mixed_precision,
+        run=lambda accelerator, model, loader: run_classification_evaluation(
+            accelerator, model, loader, dataset
+        ),
+        write=lambda folder, result: write_classification_evaluation(folder, *result, dataset, classes),
+        folder=evaluation_folder(checkpoint, output_dir),
+    )
     return report, classes, files

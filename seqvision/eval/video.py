@@ -48,14 +48,12 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import reduce, set_seed
 from torch.utils.data import DataLoader
 
-from seqvision.pretrain.config import CONFIG_FILE, load_sections, write_config
+from seqvision.pretrain.config import load_sections
 from seqvision.pretrain.loop import (
     LoopConfig,
     LoopState,
     TrainResult,
     gather_outputs,
-    resolve_mixed_precision,
-    train,
 )
 
 from .class_metrics import (
@@ -67,6 +65,7 @@ from .class_metrics import (
 )
 from .classifier import ClassifierWithLoss, classifier_forward
 from .model_file import EVAL_DIR, MODEL_FILE, evaluation_folder, export_at_train_end, read_model_file
+from .pipeline import evaluate_on_every_process, evaluation_config, run_folder, train_job
 from .video_data import VideoClipDataset, load_video_list
 
 __all__ = [
@@ -434,10 +433,7 @@ def run_video_finetune(
         ``(<output_dir>/model.safetensors, TrainResult)``; ``TrainResult.evaluations`` holds the
         validation metrics (top1, top5, mean_class_accuracy, samples, skipped) of every evaluation.
     """
-    output = job.output_dir
-    output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_config(output / CONFIG_FILE, job.config)
+    output = run_folder(job)
     network = job.model.model
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     _logger.info(
@@ -483,16 +479,13 @@ def run_video_finetune(
         extra=lambda: {"classes": job.classes},
     )
 
-    result = train(
-        job.model,
-        job.train_set,
-        job.loop,
-        resume=resume,
+    result = train_job(
+        job,
+        resume,
         forward=forward,
         on_step_end=step_end,
         on_train_end=on_train_end,
-        evaluate=evaluate if job.val_set is not None else None,
-        hparams={"model": job.config["model"], "data": job.config["data"]},
+        evaluate=evaluate,
     )
     return path, result
 
@@ -533,11 +526,13 @@ def evaluate_video(
     """
     saved = read_model_file(checkpoint, TASK)
     classes = list(saved.extra["classes"])
-    values = load_video_config({**saved.config, "train": {}}, overrides)
-    if data is not None:
-        values["data"]["val"] = data if isinstance(data, Mapping) else str(data)
-    if not values["data"].get("val"):
-        raise ValueError("no videos to evaluate: give data (the videos) or train with data.val set")
+    values = evaluation_config(
+        saved,
+        load_video_config,
+        overrides,
+        data,
+        no_data="no videos to evaluate: give data (the videos) or train with data.val set",
+    )
     model = build_video_model(values["model"], len(classes), pretrained=False)
     model.model.load_state_dict(saved.state, strict=True)
     model.eval()
@@ -550,12 +545,15 @@ def evaluate_video(
         std=values["data"]["std"],
         seed=0,
     )
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision))
-    prepared_model, loader = accelerator.prepare(model, _eval_loader(dataset, values["eval"]))
-    with torch.no_grad():
-        result = run_video_evaluation(accelerator, prepared_model, loader, dataset, values["eval"]["average"])
-    files: dict[str, Path] = {}
-    if accelerator.is_main_process:
-        files = write_evaluation(evaluation_folder(checkpoint, output_dir), result, classes)
-    accelerator.wait_for_everyone()
+    average = values["eval"]["average"]
+    result, files = evaluate_on_every_process(
+        model,
+        _eval_loader(dataset, values["eval"]),
+        mixed_precision=mixed_precision,
+        run=lambda accelerator, model, loader: run_video_evaluation(
+            accelerator, model, loader, dataset, average
+        ),
+        write=lambda folder, result: write_evaluation(folder, result, classes),
+        folder=evaluation_folder(checkpoint, output_dir),
+    )
     return result, classes, files
