@@ -1,4 +1,4 @@
-"""Self-checks of benchmark scripts: kernels_gpu.py (under Triton's interpreter) and video_io.py --smoke."""
+"""Self-checks of benchmark scripts: kernels_gpu.py (Triton interpreter), video_io.py, gpu_session.sh."""
 
 import csv
 import os
@@ -61,3 +61,34 @@ def test_video_io_smoke_run_writes_every_measurement(tmp_path):
     assert measured == expected
     assert all(float(row["clips_per_s"]) > 0 for row in rows)
     assert "| uniform 16 frames" in result.stdout
+
+
+def test_gpu_session_script_is_valid_and_uses_existing_options():
+    """benchmarks/gpu_session.sh runs only on a lent GPU: check here that bash parses it and that
+    the CLI's parser accepts every `seqvision bench` command in it, so the one GPU call is not lost
+    to a typo or a renamed option."""
+    import shlex
+
+    from seqvision.cli import build_parser
+
+    script = SCRIPT.parent / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text().replace("\\\n", " ")
+    for variable, value in {
+        "$DIGITS_STEPS": "1000",
+        "$DIGITS_BATCH": "64",
+        "$OUT": "out",
+        "$length": "1024",
+    }.items():
+        text = text.replace(variable, value)
+    digits = text.split("digits=(python3 -m seqvision ", 1)[1].split(")", 1)[0]
+    commands = []
+    for line in text.splitlines():
+        if '"${digits[@]}"' in line:
+            commands.append(digits + line.split('"${digits[@]}"', 1)[1])
+        elif "python3 -m seqvision bench" in line and not line.startswith("digits=("):
+            commands.append(line.split("python3 -m seqvision ", 1)[1])
+    assert len(commands) == 3  # the digits comparison, digits alone, the models
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command))
