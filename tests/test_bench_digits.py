@@ -108,7 +108,17 @@ def test_summary_statistics_and_verdicts_from_a_hand_made_list():
     assert verdicts["lightnet_tiny_patch16_224"]["verdict"] == "n/a"  # no timm model in its class
 
     table = digits.format_table(summaries, list(verdicts.values()))
-    assert "82.0 ± 2.0" in table and "MISS" in table and "-4.0 vs vit_tiny_patch16_224" in table
+    assert "82.0 ± 2.0" in table and "MISS" in table and "-4.00 vs vit_tiny_patch16_224" in table
+
+    # Runs of one model on two machines: the devices are listed and their times are not pooled.
+    vit_runs = [r for r in _runs() if r["model"] == "vit_tiny_patch16_224"]
+    mixed = digits.summarize_runs(
+        [{**r, "device": d} for r, d in zip(vit_runs, ["gpu", "cpu", "cpu"], strict=True)]
+    )
+    assert mixed[0]["device"] == "gpu + cpu"
+    assert mixed[0]["ms_per_step_by_device"] == f"{vit_runs[0]['ms_per_step']:.0f} / " + format(
+        statistics.median([vit_runs[1]["ms_per_step"], vit_runs[2]["ms_per_step"]]), ".0f"
+    )
 
     with pytest.raises(KeyError, match="top1_pct"):
         digits.summarize_runs([{"model": "resnet18"}])
@@ -170,7 +180,8 @@ def test_smoke_writes_csv_png_and_table(tmp_path, capsys, one_thread):
     )  # fmt: skip
     assert result["missing"] == [["vit_tiny_patch16_224", 0]]
     assert _csv(merged / "runs.csv") == runs and runs[0]["device"] == digits.run_device()
-    assert "| lrcn_resnet18" in (merged / "table.md").read_text()
+    merged_table = (merged / "table.md").read_text()
+    assert "| lrcn_resnet18" in merged_table and "vit_tiny_patch16_224: not judged" in merged_table
     with pytest.raises(FileNotFoundError, match=r"runs_from: .* has no runs\.csv"):
         digits.run_digits_comparison(["resnet18"], [0], runs_from=[tmp_path / "nowhere"], report_only=True)
     with pytest.raises(ValueError, match="report_only: no finished run"):

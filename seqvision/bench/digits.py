@@ -557,6 +557,14 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def _by_device(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """The runs' ms/step grouped by device, in order of first appearance."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("device", "")), []).append(float(row["ms_per_step"]))
+    return groups
+
+
 def summarize_runs(runs: Sequence[Mapping[str, Any] | RunResult]) -> list[dict[str, Any]]:
     """Per model (in order of first appearance): params, runs, top-1 mean / sample std / min / max
     (percent), the median of the runs' ms/step, the mean seconds per run and the mean final loss.
@@ -587,8 +595,10 @@ def summarize_runs(runs: Sequence[Mapping[str, Any] | RunResult]) -> list[dict[s
             "top1_min": min(top1),
             "top1_max": max(top1),
             "ms_per_step": statistics.median(float(r["ms_per_step"]) for r in rows),
-            # Where the runs trained (a resumed comparison can hold runs from several machines).
-            "device": " + ".join(dict.fromkeys(str(r.get("device", "")) for r in rows)),
+            # Where the runs trained (a resumed comparison can hold runs from several machines), and
+            # the median time per step on each: times of different machines are not pooled.
+            "device": " + ".join(by_device := _by_device(rows)),
+            "ms_per_step_by_device": " / ".join(f"{statistics.median(v):.0f}" for v in by_device.values()),
             "total_s_mean": statistics.fmean(float(r["total_s"]) for r in rows),
             "final_loss_mean": statistics.fmean(float(r["final_loss"]) for r in rows),
         }
@@ -672,7 +682,7 @@ def format_table(summaries: Sequence[Mapping[str, Any]], verdicts: Sequence[Mapp
     rows = []
     for s in summaries:
         verdict = by_model.get(s["model"])
-        gap = "" if verdict is None else f"{_fmt(verdict['gap_points'], '+.1f')} vs {verdict['peer'] or '-'}"
+        gap = "" if verdict is None else f"{_fmt(verdict['gap_points'], '+.2f')} vs {verdict['peer'] or '-'}"
         rows.append(
             (
                 s["model"],
@@ -681,7 +691,7 @@ def format_table(summaries: Sequence[Mapping[str, Any]], verdicts: Sequence[Mapp
                 f"{s['top1_mean']:.1f} ± {_fmt(s['top1_std'], '.1f')}",
                 f"{s['top1_min']:.1f}",
                 f"{s['top1_max']:.1f}",
-                _fmt(s["ms_per_step"], ".0f"),
+                s.get("ms_per_step_by_device") or _fmt(s["ms_per_step"], ".0f"),
                 s.get("device", ""),
                 f"{s['total_s_mean']:.0f}",
                 _fmt(s["final_loss_mean"], ".3f"),
@@ -698,7 +708,7 @@ def format_table(summaries: Sequence[Mapping[str, Any]], verdicts: Sequence[Mapp
             continue
         lines.append(
             f"- {v['model']}: {v['verdict']} ({s['top1_mean']:.1f} % vs {v['peer']} "
-            f"{v['peer_top1_mean']:.1f} %, gap {v['gap_points']:+.1f} points, "
+            f"{v['peer_top1_mean']:.1f} %, gap {v['gap_points']:+.2f} points, "
             f"tolerance -{TOLERANCE_POINTS:g}); {_diagnosis(s)}"
         )
     return "\n".join(lines)
@@ -993,6 +1003,10 @@ def run_digits_comparison(
     summaries = summarize_runs(runs)
     verdicts = judge(summaries)
     table = format_table(summaries, verdicts)
+    ran = {run.model for run in runs}
+    for name in models:
+        if name not in ran:
+            table += f"\n- {name}: not judged (no finished run under this recipe)"
     wall_s = time.perf_counter() - begin
     machine = {
         "device": run_device(),
