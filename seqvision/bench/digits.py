@@ -817,6 +817,8 @@ def plot_comparison(
         )
     scatter.set_xscale("log")
     scatter.set_xlabel("train ms / optimizer step (median, log scale)")
+    if len({s.get("device", "") for s in summaries}) > 1:  # e.g. runs gathered from a GPU and a CPU
+        scatter.set_title("times from different machines: compare within one machine (table)", fontsize=9)
     scatter.set_ylabel("test top-1 (%), mean over seeds")
     for s in summaries:
         model_runs = [r for r in runs if r.model == s["model"] and r.history]
@@ -1030,7 +1032,7 @@ def run_digits_comparison(
     _write_csv(out / "summary.csv", summary_rows)
     title = (
         f"sklearn digits at 32x32, {len(seeds)} seed(s), {recipe.steps} steps x batch {recipe.batch_size}, "
-        f"AdamW lr {recipe.lr:g}; {machine['device']}, {used_threads} CPU thread(s)"
+        f"AdamW lr {recipe.lr:g}; trained on {' + '.join(dict.fromkeys(run.device for run in runs))}"
         + (f"; {jobs} runs at a time (ms/step measured while sharing)" if jobs > 1 else "")
     )
     plot_comparison(out / "digits.png", summaries, runs, title)
