@@ -387,22 +387,15 @@ def _threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) clock ticks of all CPUs since boot (Linux ``/proc/stat``), or None elsewhere."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return sum(fields) - fields[3] - fields[4], sum(fields)  # idle and iowait are not busy
-
-
 def _other_cpu_busy(before: tuple[int, int] | None, own_cpu_s: float, wall_s: float) -> float:
     """The fraction of all CPUs that OTHER processes kept busy since ``before`` (NaN where unknown).
 
     All CPUs' busy fraction minus this process's own CPU time over the same wall time: the load
     that slowed the run down (PyTorch threads that wait for a busy core lose more than that share).
     """
-    after = _cpu_ticks()
+    from seqvision.bench.measure import cpu_ticks
+
+    after = cpu_ticks()
     if before is None or after is None or after[1] <= before[1] or wall_s <= 0:
         return math.nan
     busy_all = (after[0] - before[0]) / (after[1] - before[1])
@@ -476,7 +469,9 @@ def train_and_evaluate(
     spec = MODELS.get(name)
     if spec is None:
         raise ValueError(f"model: expected one of {sorted(MODELS)}, got {name!r}")
-    begin, ticks, cpu_begin = time.perf_counter(), _cpu_ticks(), time.process_time()
+    from seqvision.bench.measure import cpu_ticks
+
+    begin, ticks, cpu_begin = time.perf_counter(), cpu_ticks(), time.process_time()
     set_seed(seed)  # the initialisation; the loop re-seeds for dropout and orders the data by the seed
     model = ClassifierWithLoss(
         create_model(name), clip_layout="image", label_smoothing=recipe.label_smoothing
@@ -723,15 +718,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    import csv
-    import io
+    """``write_csv_atomic`` with floats to 6 significant digits."""
+    from seqvision.bench.measure import write_csv_atomic
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-    _write_text(path, buffer.getvalue())
+    formatted = [{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+    write_csv_atomic(formatted, path)
 
 
 def _finished_runs(out: Path, recipe: Recipe) -> dict[tuple[str, int], RunResult]:
@@ -789,7 +780,7 @@ def plot_comparison(
     path: Path, summaries: Sequence[Mapping[str, Any]], runs: Sequence[RunResult], title: str
 ) -> None:
     """Three panels: mean test top-1 with min/max error bars, top-1 against ms/step, mean loss curves."""
-    from seqvision.bench.measure import agg_pyplot
+    from seqvision.bench.measure import agg_pyplot, save_figure_atomic
 
     plt = agg_pyplot()
     colors = {"seqvision": "tab:blue", "timm": "tab:gray"}
@@ -833,8 +824,7 @@ def plot_comparison(
     curves.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary)
+    save_figure_atomic(figure, path)
     plt.close(figure)
 
 
@@ -1027,9 +1017,7 @@ def run_digits_comparison(
     summary_rows = [
         {**s, **{k: verdict_of.get(s["model"], {}).get(k, "") for k in verdict_keys}} for s in summaries
     ]
-    _write_csv(out / "runs.csv", [r.row() for r in runs])
-    _write_csv(out / "curves.csv", _curve_rows(runs))
-    _write_csv(out / "summary.csv", summary_rows)
+    _write_csv(out / "summary.csv", summary_rows)  # runs.csv and curves.csv: written by record()
     title = (
         f"sklearn digits at 32x32, {len(seeds)} seed(s), {recipe.steps} steps x batch {recipe.batch_size}, "
         f"AdamW lr {recipe.lr:g}; trained on {' + '.join(dict.fromkeys(run.device for run in runs))}"

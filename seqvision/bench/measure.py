@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import math
 import multiprocessing
 import os
 import re
@@ -89,23 +90,32 @@ def reset_peak_memory() -> int:
     return memory_kib()[1]
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot (Linux ``/proc/stat``), or None elsewhere.
+
+    Busy is everything but idle and I/O wait; guest time is already inside user time.
+    """
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
 def cpu_busy_fraction(interval_s: float = 0.5) -> float:
-    """Fraction of all CPUs' time spent busy (not idle or waiting on I/O) over the next ``interval_s``.
+    """Fraction of all CPUs' time spent busy (not idle or waiting on I/O) over the next ``interval_s``
+    (NaN where ``cpu_ticks`` is unknown).
 
     Called while the benchmark itself is idle, it tells how much other processes use the CPUs.
     That matters more than it seems: PyTorch's OpenMP threads wait for each other at the end of
     every parallel region, so one busy core can slow a 2-thread forward pass several times over.
     """
-
-    def totals() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle, iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])  # busy, total; guest time is inside user
-
-    busy0, total0 = totals()
+    before = cpu_ticks()
     time.sleep(interval_s)
-    busy1, total1 = totals()
-    return (busy1 - busy0) / max(total1 - total0, 1)
+    after = cpu_ticks()
+    if before is None or after is None:
+        return math.nan
+    return (after[0] - before[0]) / max(after[1] - before[1], 1)
 
 
 def timed_call(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, float]:
