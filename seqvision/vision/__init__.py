@@ -2,7 +2,8 @@
 
 * :mod:`seqvision.vision.vir` - ViR, Vision Retention Networks (``vir_*``).
 * :mod:`seqvision.vision.lightnet` - LightNet, one additive scan per layer (``lightnet_*``).
-* :mod:`seqvision.vision.mamba` - Mamba mixer; Vim (``vim_*``) and VMamba (``vmamba_*``).
+* :mod:`seqvision.vision.mamba` - the Mamba mixer and block; Vim (``vim_*``).
+* :mod:`seqvision.vision.vmamba` - VMamba, hierarchical with a cross scan (``vmamba_*``).
 * :mod:`seqvision.vision.em` - TokenUnify's EM encoder (``emmamba_*``) and affinity segmenter
   (:func:`create_em_segmenter`).
 * :mod:`seqvision.vision.lrcn` - LRCN, a frame encoder + LSTM + per-step classifier (``lrcn_*``).
@@ -13,13 +14,14 @@
   the frame encoder LRCN and the captioner share).
 """
 
-from . import captioner, em, lightnet, lrcn, mamba, vir
+from . import captioner, em, lightnet, lrcn, mamba, vir, vmamba
 from .captioner import LRCNCaptioner, create_captioner
 from .em import EMMambaEncoder, EMSegMamba, create_em_segmenter, load_encoder_weights
 from .lightnet import LightNet
 from .lrcn import LRCN
-from .mamba import MambaMixer, VisionMamba, VMamba
+from .mamba import MambaMixer, VisionMamba
 from .vir import VisionRetentionNet
+from .vmamba import VMamba
 
 __all__ = [
     "LRCN",
@@ -40,4 +42,5 @@ __all__ = [
     "lrcn",
     "mamba",
     "vir",
+    "vmamba",
 ]
