@@ -394,6 +394,48 @@ def _eval_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_argument(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a YAML value (``img_size=448``, ``depths=[2,2,9,2]``); else a usage error."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a Python name as KEY, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors.torch import save_file
+
+    from seqvision.eval._io import atomic_path
+    from seqvision.vision.weights import convert_checkpoint
+
+    start = time.perf_counter()
+    kwargs = dict(args.arg)
+    try:
+        model, state = convert_checkpoint(args.source, args.model, **kwargs)
+        metadata = {
+            "format": "seqvision",
+            "model": args.model,
+            "model_kwargs": json.dumps(kwargs, sort_keys=True),
+            "source": Path(args.source).name,
+        }
+        with atomic_path(args.output) as temporary:
+            # Tensors that share storage (tied weights) are written as separate copies.
+            save_file({k: v.clone() for k, v in state.items()}, str(temporary), metadata=metadata)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
+        print(f"seqvision convert: {err}", file=sys.stderr)
+        return 2
+    parameters = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote {args.output} in {time.perf_counter() - start:.1f} s: {len(state)} tensors, "
+        f"{parameters / 1e6:.2f} M parameters of {args.model} ({type(model).__name__}) from {args.source}"
+    )
+    return 0
+
+
 def _csv_list(item: Callable[[str], Any], what: str) -> Callable[[str], list]:
     """An argparse type for comma-separated lists (``224,896``); a bad entry is a usage error (exit 2)."""
 
@@ -653,6 +695,22 @@ def build_parser() -> argparse.ArgumentParser:
     eval_seg.add_argument("--json", default=None, help="also write the scores to this JSON file (atomically)")
     eval_seg.add_argument("--no-ignore", action="store_true", help="score ground-truth label 0 too")
     eval_seg.set_defaults(run=_eval_seg)
+    convert = commands.add_parser(
+        "convert",
+        help="convert the authors' published weights (Vim, VMamba, TokenUnify, LRCN) to a seqvision file",
+    )
+    convert.add_argument("source", help="the authors' file (.pth / .caffemodel) or a seqvision .safetensors")
+    convert.add_argument("output", help="the .safetensors file to write (atomically)")
+    convert.add_argument("--model", required=True, help="the seqvision model, e.g. vim_tiny_patch16_224")
+    convert.add_argument(
+        "--arg",
+        type=_model_argument,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model argument (YAML value), e.g. --arg img_size=448; repeatable",
+    )
+    convert.set_defaults(run=_convert)
     video = commands.add_parser(
         "finetune-video",
         help="fine-tune a clip classifier (LRCN, LightNet video, ...) on a video folder or list",

@@ -30,6 +30,7 @@ __all__ = [
     "check_chunk_size",
     "check_image",
     "default_cfg",
+    "fixed_size_cfg",
     "init_linear",
 ]
 
@@ -59,6 +60,13 @@ def default_cfg(**kwargs) -> dict:
         "license": "apache-2.0",
         **kwargs,
     }
+
+
+def fixed_size_cfg(**kwargs) -> dict:
+    """``default_cfg`` of a model that refuses image sizes other than its ``img_size`` unless it is
+    created with ``dynamic_img_size=True``. timm reads ``fixed_input_size``: its builder then passes
+    the cfg's ``img_size`` to the model, and its checks feed such a model this size only."""
+    return default_cfg(**{"fixed_input_size": True, **kwargs})
 
 
 def build_backbone(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs) -> nn.Module:

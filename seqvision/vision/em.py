@@ -21,9 +21,12 @@ input slice). That is what is built here; it reproduces the stated sizes and seq
 
 The three scans. Each Mamba layer scans the volume three times with separate conv / x_proj /
 dt_proj / A / D parameters and shared in/out projections, and sums the results: raster order (z
-slowest), its reverse, and an inter-slice route that visits the Z slices of one (y, x) column one
-after another. The authors' kernel cuts the sequence into a fixed ``nslices`` (default 5, while the
-stages have 8, 4, 2, 1 slices); here the route is built from the real grid of every stage.
+slowest), its reverse, and an inter-slice route that cuts the raster sequence into n equal chunks
+and interleaves them. By default (``inter_slice_chunks=None``) n is the stage's real slice count Z,
+so the route visits the Z slices of one (y, x) column one after another. The authors' code uses its
+Mamba's default ``nslices = 5`` whatever Z is (the stages have 8, 4, 2, 1 slices), which visits
+tokens L / 5 apart; ``inter_slice_chunks=5`` reproduces it (every stage's length must then be
+divisible by 5, as 16 x 160 x 160 crops are).
 
 The residual. In the authors' encoder a Mamba layer returns mamba(norm(x)) with no residual (the
 SegMamba code they started from adds one). Here ``mamba_residual=True`` (the default) adds it,
@@ -32,6 +35,20 @@ the skip heads and the next stage only through the Mamba layers as initialised, 
 to the stem and the conv blocks passes through them; the residual keeps the identity path that a
 pre-norm stack is designed around (and lets ``drop_path`` work). ``mamba_residual=False``
 reproduces the authors' layer. Parameter counts are the same either way.
+
+The authors' weights (``TOKENUNIFY_LAYER`` = ``mamba_residual=False, inter_slice_chunks=5``: their
+layers compute that, whatever the weights). ``checkpoint_filter_fn`` converts the authors' files
+(their ``SegMamba`` state dict: the encoder under ``vit.``, MONAI's UNETR blocks ``encoder1-5``,
+``decoder5-1``, ``out``; or their bare ``MambaEncoder``) to this layout: the three routes' twins
+(``conv1d``/``_b``/``_s``, ``x_proj``, ``dt_proj``, ``A_log``/``A_b_log``/``A_s_log``, ``D``) stacked in
+the route order raster, reversed, inter-slice, and the decoder renamed (it is the same function:
+MONAI's ``UnetrBasicBlock`` / ``UnetrUpBlock`` / ``UnetOutBlock`` with residual blocks). Their widths
+and depths differ per file: ``em_architecture`` reads them from a state dict, and
+``convert_checkpoint`` / ``create_em_segmenter(pretrained=...)`` size the model from it. Tags: the
+pretrained (not fine-tuned) encoders from the Hub's ``Pretrained_weights/`` are timm tags
+(``emmamba_small.tokenunify_pretrained_100m``, ...; ``timm.list_pretrained("emmamba_*")``); the
+fine-tuned segmenters are ``EM_SEGMENTER_WEIGHTS`` tags for ``create_em_segmenter``
+(``"emmamba_small.tokenunify_100m"``, ...).
 
 Decoder (``EMSegMamba``, MONAI's UNETR blocks rebuilt in PyTorch): a residual conv block per
 resolution (the input volume itself and skips 0-2, then skip 3 -> ``hidden_size``), four up blocks
@@ -48,21 +65,28 @@ encoder            widths                 encoder     hidden  encoder + decoder 
 ``emmamba_small``  64, 128, 256, 512        26.93 M     1024       112.53 M        112.5 M
 ``emmamba_mid``    96, 192, 384, 768        60.10 M     1024       206.58 M        206.6 M
 ``emmamba_large``  144, 288, 576, 1104     126.39 M     2048       506.57 M        506.6 M
+``emmamba_huge``   192, 384, 768, 1536     238.45 M     3072      1008.91 M       1008.9 M *
 =================  =====================  ==========  ======  =================  ===========
 
 The decoder widths (``hidden_size``) are the ones that reproduce the paper's counts exactly.
+(*) The huge size is not in the paper's table: its count is the one stated beside
+``segmamba_huge_model`` in the authors' ``src/models_mamba.py`` (their "1B" release).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import hf_hub_download
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
@@ -72,10 +96,13 @@ from seqvision.kernels._common import check_positive_int
 from .base import default_cfg
 from .layers.state import state_mismatch
 from .mamba import MambaBlock, MambaStagesMixin, mamba_no_weight_decay
+from .weights import first_mismatch, read_checkpoint, register_converter, unwrap_state_dict
 
 __all__ = [
     "EM_ENCODERS",
     "EM_INPUT_SIZE",
+    "EM_SEGMENTER_WEIGHTS",
+    "TOKENUNIFY_LAYER",
     "EMMambaEncoder",
     "EMMambaStage",
     "EMSegMamba",
@@ -83,7 +110,10 @@ __all__ = [
     "SkipHead",
     "UnetResBlock",
     "UnetUpBlock",
+    "checkpoint_filter_fn",
     "create_em_segmenter",
+    "em_architecture",
+    "list_em_segmenters",
     "load_encoder_weights",
 ]
 
@@ -96,7 +126,12 @@ EM_ENCODERS: dict[str, int] = {
     "emmamba_small": 1024,
     "emmamba_mid": 1024,
     "emmamba_large": 2048,
+    "emmamba_huge": 3072,
 }
+
+# What the TokenUnify authors' Mamba layers compute, which their weights cannot say: no residual
+# around the mixer, and the inter-slice route cut into their Mamba's default nslices = 5 chunks.
+TOKENUNIFY_LAYER: dict[str, Any] = {"mamba_residual": False, "inter_slice_chunks": 5}
 
 
 def check_volume(x: object, in_chans: int, multiple: int) -> None:
@@ -220,6 +255,9 @@ class EMMambaEncoder(MambaStagesMixin, nn.Module):
     4 skip outputs (B, dims[i], Z / 2^(i+1), Y / 2^(i+1), X / 2^(i+1)), ``forward_features`` the last
     one, and ``forward`` pools it and applies the classifier (none by default: ``num_classes=0``
     returns the pooled features (B, dims[-1])).
+
+    ``mamba_residual`` and ``inter_slice_chunks`` choose the Mamba layer (module docstring);
+    ``TOKENUNIFY_LAYER`` is the authors' choice, which their weights need.
     """
 
     global_pools = ("avg", "")
@@ -238,6 +276,7 @@ class EMMambaEncoder(MambaStagesMixin, nn.Module):
         version: int = 1,
         head_dim: int = 64,
         mamba_residual: bool = True,
+        inter_slice_chunks: int | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         scan_form: str = "chunk",
@@ -259,12 +298,18 @@ class EMMambaEncoder(MambaStagesMixin, nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.dims = tuple(dims)
+        self.depths = tuple(depths)
+        self.mamba_residual = mamba_residual
+        self.inter_slice_chunks = inter_slice_chunks
         self.num_features = self.head_hidden_size = dims[-1]
         self.reduction = 2 ** len(dims)  # the stem and every later stage halve each axis
 
         self.stem = nn.Conv3d(in_chans, dims[0], (1, 7, 7), stride=2, padding=(0, 3, 3))
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
-        mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, version=version, head_dim=head_dim)
+        mixer = dict(
+            d_state=d_state, d_conv=d_conv, expand=expand, version=version, head_dim=head_dim,
+            inter_slice_chunks=inter_slice_chunks,
+        )  # fmt: skip
         self.stages = nn.Sequential(
             *[
                 EMMambaStage(
@@ -475,37 +520,318 @@ class EMSegMamba(nn.Module):
         return torch.sigmoid(self.forward_logits(x))
 
 
+# ----------------------------------------------------------------------------------------------
+# weights: seqvision's and the TokenUnify authors' layouts
+# ----------------------------------------------------------------------------------------------
+
+# The arguments of create_em_segmenter that describe the decoder (the rest go to the encoder).
+_DECODER_ARGS = ("hidden_size", "out_chans", "kernel_size")
+
+# The authors' encoder names (relative to 'vit.') -> seqvision's, for everything but the route twins.
+_TOKENUNIFY_RENAMES = tuple(
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"downsample_layers\.0\.0\.(weight|bias)", r"stem.\1"),
+        (r"downsample_layers\.(\d+)\.1\.(weight|bias)", r"stages.\1.downsample.1.\2"),
+        # SegMamba's GSC: proj, proj2 (3x3x3, in sequence), proj3 (1x1x1, parallel), proj4 (1x1x1)
+        (r"gscs\.(\d+)\.proj\.(weight|bias)", r"stages.\1.conv_block.conv1.0.\2"),
+        (r"gscs\.(\d+)\.proj2\.(weight|bias)", r"stages.\1.conv_block.conv2.0.\2"),
+        (r"gscs\.(\d+)\.proj3\.(weight|bias)", r"stages.\1.conv_block.conv3.0.\2"),
+        (r"gscs\.(\d+)\.proj4\.(weight|bias)", r"stages.\1.conv_block.conv4.0.\2"),
+        (r"stages\.(\d+)\.(\d+)\.norm\.(weight|bias)", r"stages.\1.blocks.\2.norm.\3"),
+        (
+            r"stages\.(\d+)\.(\d+)\.mamba\.(in_proj|out_proj)\.(weight|bias)",
+            r"stages.\1.blocks.\2.mixer.\3.\4",
+        ),
+        (r"mlps\.(\d+)\.(fc[12])\.(weight|bias)", r"skip_heads.\1.\2.\3"),
+    )
+)
+
+# Each mixer parameter stacked over the routes <- the authors' three twins, in seqvision's route
+# order: raster, reversed ('_b'), inter-slice ('_s'). The convs are concatenated on the channel axis.
+_ROUTE_TWINS: dict[str, tuple[str, str, str]] = {
+    "conv.weight": ("conv1d.weight", "conv1d_b.weight", "conv1d_s.weight"),
+    "conv.bias": ("conv1d.bias", "conv1d_b.bias", "conv1d_s.bias"),
+    "x_proj_weight": ("x_proj.weight", "x_proj_b.weight", "x_proj_s.weight"),
+    "dt_proj_weight": ("dt_proj.weight", "dt_proj_b.weight", "dt_proj_s.weight"),
+    "dt_proj_bias": ("dt_proj.bias", "dt_proj_b.bias", "dt_proj_s.bias"),
+    "A_log": ("A_log", "A_b_log", "A_s_log"),
+    "D": ("D", "D_b", "D_s"),
+}
+_TWIN_OF = {
+    twin: (target, route) for target, twins in _ROUTE_TWINS.items() for route, twin in enumerate(twins)
+}
+_TOKENUNIFY_MAMBA = re.compile(r"stages\.(\d+)\.(\d+)\.mamba\.(.+)")
+
+
+def _unetr_rename(match: re.Match, template: str, offset: int | None = None) -> str:
+    """MONAI's numbering -> seqvision's: encoderK -> skip_blocks.(K - 1), decoderK -> up_blocks.(5 - K)."""
+    index = int(match[1]) - 1 if offset is None else offset - int(match[1])
+    return template.format(index, *match.groups()[1:])
+
+
+# MONAI's UNETR blocks as the authors' SegMamba names them -> EMSegMamba's names.
+_UNETR_RENAMES: tuple[tuple[re.Pattern, Callable[[re.Match], str]], ...] = tuple(
+    (re.compile(pattern), rename)
+    for pattern, rename in (
+        (
+            r"encoder([1-5])\.layer\.(conv[123])\.conv\.weight",
+            lambda m: _unetr_rename(m, "skip_blocks.{}.{}.weight"),
+        ),
+        (
+            r"decoder([2-5])\.transp_conv\.conv\.weight",
+            lambda m: _unetr_rename(m, "up_blocks.{}.up.weight", 5),
+        ),
+        (
+            r"decoder([2-5])\.conv_block\.(conv[123])\.conv\.weight",
+            lambda m: _unetr_rename(m, "up_blocks.{}.conv_block.{}.weight", 5),
+        ),
+        (r"decoder1\.layer\.(conv[123])\.conv\.weight", lambda m: f"final_block.{m[1]}.weight"),
+        (r"out\.conv\.conv\.(weight|bias)", lambda m: f"head.{m[1]}"),
+    )
+)
+
+# Where each layout keeps what em_architecture reads; {i} a stage, {j} a layer. The encoder's keys
+# carry the layout's prefix, the decoder's do not.
+_LAYOUT_KEYS: dict[str, dict[str, str]] = {
+    "tokenunify": dict(
+        stem="downsample_layers.0.0.weight", conv="gscs.{i}.proj.weight", norm="stages.{i}.{j}.norm.weight",
+        mixer="stages.{i}.{j}.mamba.", conv1d="conv1d.weight", hidden="encoder5.layer.conv1.conv.weight",
+        out="out.conv.conv.weight",
+    ),
+    "seqvision": dict(
+        stem="stem.weight", conv="stages.{i}.conv_block.conv1.0.weight",
+        norm="stages.{i}.blocks.{j}.norm.weight",
+        mixer="stages.{i}.blocks.{j}.mixer.", conv1d="conv.weight", hidden="skip_blocks.4.conv1.weight",
+        out="head.weight",
+    ),
+}  # fmt: skip
+
+
+def _layout(state: Mapping[str, Any]) -> tuple[str, str]:
+    """(layout, encoder key prefix) of an unwrapped EM state dict; ValueError when it is neither."""
+    for layout, prefix in (
+        ("tokenunify", "vit."),
+        ("tokenunify", ""),
+        ("seqvision", "encoder."),
+        ("seqvision", ""),
+    ):
+        if prefix + _LAYOUT_KEYS[layout]["stem"] in state:
+            return layout, prefix
+    raise ValueError(
+        "state_dict must be an EM encoder or segmenter checkpoint (the TokenUnify authors' or seqvision's): "
+        "found none of the stem keys 'vit.downsample_layers.0.0.weight', 'downsample_layers.0.0.weight', "
+        f"'encoder.stem.weight', 'stem.weight' among {len(state)} keys"
+    )
+
+
+def _shape(state: Mapping[str, Any], key: str) -> torch.Size:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"the EM checkpoint lacks {key!r} (or it is not a tensor), which its other keys imply"
+        )
+    return value.shape
+
+
+def em_architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture an EM checkpoint holds, as keyword arguments of ``create_em_segmenter`` (all of
+    them) or of the ``emmamba_*`` encoders (all but ``hidden_size``, ``out_chans``, ``kernel_size``).
+
+    Reads the TokenUnify authors' layout (their ``SegMamba``, encoder under ``vit.``, or their bare
+    ``MambaEncoder``) and seqvision's (``EMSegMamba``, encoder under ``encoder.``, or an
+    ``EMMambaEncoder``); training wrappers ('model', 'state_dict', 'module.') are unwrapped. Returns
+
+    * ``dims``, ``depths``, ``in_chans``: from each stage's conv block and its Mamba layers' norms;
+    * ``d_state``, ``d_conv``, ``expand`` from the first Mamba layer (when a stage has one), and
+      ``version=2``, ``head_dim`` for seqvision's Mamba-2 layers;
+    * for the authors' layout ``TOKENUNIFY_LAYER`` (``mamba_residual=False``, ``inter_slice_chunks=5``):
+      what their code computes, which the weights cannot tell;
+    * ``num_classes`` for a seqvision encoder with a classifier;
+    * ``hidden_size``, ``out_chans``, ``kernel_size`` when the checkpoint holds the decoder.
+
+    Raises ValueError for a state dict of neither layout.
+    """
+    state = unwrap_state_dict(state_dict)
+    layout, prefix = _layout(state)
+    keys = _LAYOUT_KEYS[layout]
+    dims, depths = [], []
+    while (conv := state.get(prefix + keys["conv"].format(i=len(dims)))) is not None:
+        i = len(dims)
+        dims.append(conv.shape[0])
+        depths.append(0)
+        while prefix + keys["norm"].format(i=i, j=depths[i]) in state:
+            depths[i] += 1
+    arch: dict[str, Any] = dict(
+        dims=tuple(dims), depths=tuple(depths), in_chans=_shape(state, prefix + keys["stem"])[1]
+    )
+    if any(depths):
+        stage = next(i for i, depth in enumerate(depths) if depth)
+        mixer = prefix + keys["mixer"].format(i=stage, j=0)
+        in_proj = _shape(state, mixer + "in_proj.weight")  # (2E, dim)
+        inner, dim = in_proj[0] // 2, in_proj[1]
+        expand = inner / dim
+        arch.update(
+            d_conv=_shape(state, mixer + keys["conv1d"])[-1],
+            expand=int(expand) if expand.is_integer() else expand,
+        )
+        A_log = _shape(state, mixer + "A_log")
+        if layout == "tokenunify" or len(A_log) == 3:  # theirs (E, N), seqvision's Mamba-1 (K, E, N)
+            arch["d_state"] = A_log[-1]
+        else:  # (K, H): Mamba-2, N read off x_proj (K, R + 2N, E) with R from dt_proj (K, H, R)
+            rank = _shape(state, mixer + "dt_proj_weight")[-1]
+            arch.update(
+                d_state=(_shape(state, mixer + "x_proj_weight")[1] - rank) // 2,
+                version=2,
+                head_dim=inner // A_log[1],
+            )
+    if layout == "tokenunify":
+        arch.update(TOKENUNIFY_LAYER)
+    hidden = state.get(keys["hidden"])
+    if hidden is not None:
+        arch.update(
+            hidden_size=hidden.shape[0],
+            out_chans=_shape(state, keys["out"])[0],
+            kernel_size=tuple(hidden.shape[2:]),
+        )
+    elif layout == "seqvision" and "head.weight" in state:
+        arch["num_classes"] = state["head.weight"].shape[0]
+    return arch
+
+
+def _check_tokenunify_model(state: Mapping[str, Any], encoder: EMMambaEncoder) -> None:
+    """The authors' weights need their widths, depths and layer; say what to build otherwise."""
+    arch = em_architecture(state)
+    wanted = dict(dims=arch["dims"], depths=arch["depths"], **TOKENUNIFY_LAYER)
+    built = dict(
+        dims=encoder.dims,
+        depths=encoder.depths,
+        mamba_residual=encoder.mamba_residual,
+        inter_slice_chunks=encoder.inter_slice_chunks,
+    )
+    if wanted != built:
+        text = ", ".join(f"{k}={v!r}" for k, v in wanted.items())
+        raise ValueError(
+            f"the checkpoint holds the TokenUnify authors' encoder ({text}), the model was built with "
+            f"{', '.join(f'{k}={v!r}' for k, v in built.items())}: build it with those keyword arguments "
+            "(a published tag sets the layer's), or size it from the file with convert_checkpoint(path, "
+            "name) or create_em_segmenter(name, pretrained=path)"
+        )
+
+
+def _convert_tokenunify_encoder(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The authors' encoder keys under ``prefix`` -> an EMMambaEncoder state dict. Unknown keys are kept
+    as they are (the strict check names them); an incomplete set of route twins is a ValueError."""
+    out: dict[str, Any] = {}
+    twins: dict[tuple[str, str, str], dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        for pattern, replacement in _TOKENUNIFY_RENAMES:
+            if match := pattern.fullmatch(name):
+                out[match.expand(replacement)] = value
+                break
+        else:
+            match = _TOKENUNIFY_MAMBA.fullmatch(name)
+            if match and match[3] in _TWIN_OF:
+                target, route = _TWIN_OF[match[3]]
+                twins.setdefault((match[1], match[2], target), {})[route] = value
+            else:
+                out[name] = value
+    for (stage, layer, target), routes in twins.items():
+        names = [f"{prefix}stages.{stage}.{layer}.mamba.{twin}" for twin in _ROUTE_TWINS[target]]
+        missing = [name for route, name in enumerate(names) if route not in routes]
+        if missing:
+            raise ValueError(
+                f"the TokenUnify checkpoint lacks {missing[0]!r}: the layer's three routes (raster, "
+                f"reversed, inter-slice) are stacked into one tensor, and its twins {names} must all be there"
+            )
+        shapes = [tuple(routes[route].shape) for route in range(3)]
+        for name, shape in zip(names[1:], shapes[1:], strict=True):
+            if shape != shapes[0]:
+                raise ValueError(
+                    f"the TokenUnify checkpoint's {name!r} has shape {shape}, its twin {names[0]!r} "
+                    f"{shapes[0]}"
+                )
+        tensors = [routes[route] for route in range(3)]
+        key = f"stages.{stage}.blocks.{layer}.mixer.{target}"
+        out[key] = torch.cat(tensors) if target.startswith("conv.") else torch.stack(tensors)
+    return out
+
+
+def _convert_unetr_decoder(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The authors' decoder keys (MONAI's names) -> EMSegMamba's; unknown keys are kept as they are."""
+    out = {}
+    for key, value in state.items():
+        for pattern, rename in _UNETR_RENAMES:
+            if match := pattern.fullmatch(key):
+                out[rename(match)] = value
+                break
+        else:
+            out[key] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: EMMambaEncoder | EMSegMamba) -> dict[str, Any]:
+    """Adapt a checkpoint to ``model``: an encoder (timm's loader calls this), or a whole segmenter.
+
+    Unwraps training checkpoints ('model', 'state_dict', 'module', a 'module.' prefix). The TokenUnify
+    authors' layout is converted (module docstring) after checking that ``model`` has the file's
+    widths and depths and computes their layer (``TOKENUNIFY_LAYER``; a ValueError says what to build
+    otherwise); an encoder takes the encoder of their whole segmenter's file. seqvision's layout is
+    kept. Finally the stem's input channels are summed or repeated when ``in_chans`` differs (timm's
+    adaptation handles 2-D stems only).
+    """
+    state = unwrap_state_dict(state_dict)
+    segmenter = isinstance(model, EMSegMamba)
+    encoder = model.encoder if segmenter else model
+    prefix = "encoder." if segmenter else ""
+    layout, authors_prefix = _layout(state)
+    if layout == "tokenunify":
+        _check_tokenunify_model(state, encoder)
+        converted = {prefix + k: v for k, v in _convert_tokenunify_encoder(state, authors_prefix).items()}
+        if segmenter and authors_prefix:
+            converted.update(
+                _convert_unetr_decoder({k: v for k, v in state.items() if not k.startswith(authors_prefix)})
+            )
+        state = converted
+    weight = state.get(prefix + "stem.weight")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 5 and weight.shape[1] != encoder.in_chans:
+        source = weight.shape[1]
+        if encoder.in_chans == 1:
+            weight = weight.sum(dim=1, keepdim=True)
+        else:
+            repeats = -(-encoder.in_chans // source)
+            weight = weight.repeat(1, repeats, 1, 1, 1)[:, : encoder.in_chans] * (source / encoder.in_chans)
+        state[prefix + "stem.weight"] = weight
+    return state
+
+
 def load_encoder_weights(
     encoder: EMMambaEncoder, source: str | os.PathLike | Mapping[str, torch.Tensor]
 ) -> None:
     """Load pretrained encoder weights into ``encoder``, with a strict key check.
 
     ``source`` is a state dict or the path of one: ``.safetensors``, or a ``torch.save`` file (read
-    with ``weights_only=True``). A {'model': ...} / {'state_dict': ...} wrapper is unwrapped, and
-    classifier keys ('head.*') are dropped: the segmenter does not use a classifier. Any other
-    missing or unexpected key, or a shape that differs, is a ValueError listing them.
+    without running code from it, ``read_checkpoint``). It goes through ``checkpoint_filter_fn``:
+    training wrappers are unwrapped and the TokenUnify authors' layout is converted (the encoder of
+    their whole segmenter's file; ``encoder`` must then have their widths, depths and layer). Classifier
+    keys ('head.*') are dropped: the segmenter does not use a classifier. Any other missing or
+    unexpected key, or a shape that differs, is a ValueError listing them.
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"pretrained_encoder must be an existing file, got {str(path)!r}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping):
-            raise TypeError(f"pretrained_encoder file must hold a state dict, got {type(state).__name__}")
+        state = read_checkpoint(path)
     elif isinstance(source, Mapping):
         state = source
     else:
         raise TypeError(
             f"pretrained_encoder must be a path or a state dict (Mapping), got {type(source).__name__}"
         )
-    for key in ("model", "state_dict"):
-        if isinstance(state.get(key), Mapping):
-            state = state[key]
+    state = checkpoint_filter_fn(state, encoder)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     expected = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     problem = state_mismatch(state, expected, limit=8)
@@ -517,62 +843,169 @@ def load_encoder_weights(
     encoder.load_state_dict(state, strict=False)  # strictness checked above; the head is not loaded
 
 
+# ----------------------------------------------------------------------------------------------
+# published weights
+# ----------------------------------------------------------------------------------------------
+
+# The authors' releases (README, "Model Weights"): their names' sizes -> the encoder whose segmenter
+# has that many parameters (the counts beside segmamba_*_model in their src/models_mamba.py: 112.53 M,
+# 206.58 M, 506.57 M, 1008.91 M). The README names the models, not the files: the file names below
+# add the '.pth' of their training checkpoints (util_mamba/misc.py save_model) and are unconfirmed.
+_TOKENUNIFY_RELEASES = {
+    "emmamba_small": "100M",
+    "emmamba_mid": "200M",
+    "emmamba_large": "500M",
+    "emmamba_huge": "1B",
+}
+_TOKENUNIFY_HUB = "cyd0806/TokenUnify"
+# Neither the repository nor its README states a license for the code or the weights (the README's
+# usage notes restrict the EM data to non-commercial research; src/segmamba.py carries MONAI's
+# Apache-2.0 header for the UNETR parts).
+_TOKENUNIFY_LICENSE = "unknown"
+_TOKENUNIFY_INPUT = (
+    "input (B, 1, Z, Y, X) EM volume, grey values / 255 in [0, 1], trained on 16 x 160 x 160 (Z, Y, X) "
+    "crops; every size divisible by 16 and each stage's length by 5"
+)
+
+# Fine-tuned segmenters: create_em_segmenter(tag, pretrained=True).
+EM_SEGMENTER_WEIGHTS: dict[str, dict[str, Any]] = {
+    f"{name}.tokenunify_{size.lower()}": dict(
+        hf_hub_id=_TOKENUNIFY_HUB,
+        hf_hub_filename=f"TokenUnify-{size}.pth",
+        license=_TOKENUNIFY_LICENSE,
+        description=(
+            f"TokenUnify-{size}: the authors' fine-tuned affinity segmenter (their SegMamba: this encoder "
+            f"and the UNETR decoder, 3 affinities); {_TOKENUNIFY_INPUT}"
+        ),
+        model_args=dict(TOKENUNIFY_LAYER),
+    )
+    for name, size in _TOKENUNIFY_RELEASES.items()
+}
+
+
+def list_em_segmenters(pattern: str = "*") -> list[str]:
+    """The published segmenters' tags (``EM_SEGMENTER_WEIGHTS``) matching the fnmatch ``pattern``."""
+    return sorted(name for name in EM_SEGMENTER_WEIGHTS if fnmatch.fnmatchcase(name, pattern))
+
+
+def _segmenter_file(encoder_name: str, pretrained: bool | str | os.PathLike) -> Path:
+    if pretrained is True:
+        weights = EM_SEGMENTER_WEIGHTS[encoder_name]
+        return Path(hf_hub_download(weights["hf_hub_id"], weights["hf_hub_filename"]))
+    path = Path(pretrained)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained must be True or an existing file, got {str(path)!r}")
+    return path
+
+
 def create_em_segmenter(
     encoder_name: str,
     pretrained_encoder: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
     *,
-    out_chans: int = 3,
+    pretrained: bool | str | os.PathLike = False,
+    out_chans: int | None = None,
     hidden_size: int | None = None,
-    kernel_size: Sequence[int] = (1, 5, 5),
+    kernel_size: Sequence[int] | None = None,
     **encoder_kwargs,
 ) -> EMSegMamba:
-    """Build the affinity segmenter on a registered EM encoder, optionally with pretrained weights.
+    """Build the affinity segmenter on a registered EM encoder, optionally with weights.
+
+    Examples::
+
+        create_em_segmenter("emmamba_base")                                    # random
+        create_em_segmenter("emmamba_small", "encoder.safetensors")            # pretrained encoder
+        create_em_segmenter("emmamba_small.tokenunify_100m", pretrained=True)  # the authors' segmenter
+        create_em_segmenter("emmamba_small", pretrained="checkpoint-400.pth")  # a local file
 
     Args:
         encoder_name: one of ``EM_ENCODERS`` ('emmamba_base', 'emmamba_small', 'emmamba_mid',
-            'emmamba_large').
-        pretrained_encoder: the encoder's weights from pretraining: a state dict or a
-            .safetensors / torch.save file (see ``load_encoder_weights``).
-        out_chans: output channels, 3 affinities (z, y, x) by default.
-        hidden_size: width of the deepest decoder block; defaults to the value that reproduces
-            TokenUnify's parameter count for the encoder.
-        kernel_size: conv kernel of the decoder blocks, (1, 5, 5) as in the authors' code.
+            'emmamba_large', 'emmamba_huge'), or a published segmenter's tag (``list_em_segmenters()``,
+            e.g. 'emmamba_small.tokenunify_100m'), which also sets the layer its weights need
+            (``TOKENUNIFY_LAYER``).
+        pretrained_encoder: the encoder's weights from pretraining: a state dict or a .safetensors /
+            torch.save file in seqvision's or the authors' layout (see ``load_encoder_weights``); the
+            decoder starts random.
+        pretrained: the whole segmenter's weights: True downloads the tag's file from the Hugging Face
+            Hub; a path reads that file (the authors' SegMamba checkpoint, or an ``EMSegMamba`` state
+            dict). The architecture is then read from the file (``em_architecture``: widths, depths,
+            decoder width and kernel, output channels; the authors' layer for their layout); keyword
+            arguments given here override it.
+        out_chans: output channels: 3 affinities (z, y, x), or the ``pretrained`` file's.
+        hidden_size: width of the deepest decoder block: the value that reproduces TokenUnify's
+            parameter count for the encoder (``EM_ENCODERS``), or the ``pretrained`` file's.
+        kernel_size: conv kernel of the decoder blocks: (1, 5, 5) as in the authors' code, or the
+            ``pretrained`` file's.
         encoder_kwargs: passed to ``timm.create_model`` (e.g. ``depths``, ``scan_form``).
+
+    Raises:
+        ValueError: an unknown name or tag, ``pretrained=True`` without a tag, both ``pretrained`` and
+            ``pretrained_encoder``, a file holding an encoder only, or weights that do not fit (the
+            first such key is named). FileNotFoundError: a ``pretrained`` path that does not exist.
     """
-    if encoder_name not in EM_ENCODERS:
-        raise ValueError(f"encoder_name must be one of {tuple(EM_ENCODERS)}, got {encoder_name!r}")
-    encoder = timm.create_model(encoder_name, num_classes=0, **encoder_kwargs)
+    name, _, tag = encoder_name.partition(".")
+    if name not in EM_ENCODERS:
+        raise ValueError(
+            f"encoder_name must be one of {tuple(EM_ENCODERS)} or a tag of one, got {encoder_name!r}"
+        )
+    if tag and encoder_name not in EM_SEGMENTER_WEIGHTS:
+        raise ValueError(
+            f"encoder_name's tag must be a published segmenter's {list_em_segmenters()}, got {encoder_name!r}"
+        )
+    if not isinstance(pretrained, (bool, str, os.PathLike)):
+        raise TypeError(f"pretrained must be a bool or a path, got {type(pretrained).__name__}")
+    if pretrained is True and not tag:
+        raise ValueError(
+            f"pretrained=True downloads a published segmenter: encoder_name must be its tag, one of "
+            f"{list_em_segmenters()}, got {encoder_name!r} (or pass pretrained=<path>)"
+        )
+    if pretrained is not False and pretrained_encoder is not None:
+        raise ValueError(
+            "pass pretrained (the whole segmenter) or pretrained_encoder (its encoder), not both"
+        )
+    if tag:
+        encoder_kwargs = {**EM_SEGMENTER_WEIGHTS[encoder_name]["model_args"], **encoder_kwargs}
+    decoder: dict[str, Any] = dict(out_chans=out_chans, hidden_size=hidden_size, kernel_size=kernel_size)
+    checkpoint = path = None
+    if pretrained is not False:
+        path = _segmenter_file(encoder_name, pretrained)
+        checkpoint = read_checkpoint(path)
+        arch = em_architecture(checkpoint)
+        if "hidden_size" not in arch:
+            raise ValueError(
+                f"pretrained must hold a whole segmenter, {str(path)!r} holds an encoder only: pass it as "
+                "pretrained_encoder (the decoder then starts random)"
+            )
+        decoder = {k: arch[k] if v is None else v for k, v in decoder.items()}
+        encoder_kwargs = {**{k: v for k, v in arch.items() if k not in _DECODER_ARGS}, **encoder_kwargs}
+    encoder = timm.create_model(name, num_classes=0, **encoder_kwargs)
     if pretrained_encoder is not None:
         load_encoder_weights(encoder, pretrained_encoder)
-    hidden = EM_ENCODERS[encoder_name] if hidden_size is None else hidden_size
-    return EMSegMamba(encoder, out_chans=out_chans, hidden_size=hidden, kernel_size=kernel_size)
+    segmenter = EMSegMamba(
+        encoder,
+        out_chans=3 if decoder["out_chans"] is None else decoder["out_chans"],
+        hidden_size=EM_ENCODERS[name] if decoder["hidden_size"] is None else decoder["hidden_size"],
+        kernel_size=(1, 5, 5) if decoder["kernel_size"] is None else decoder["kernel_size"],
+    )
+    if checkpoint is not None:
+        state = checkpoint_filter_fn(checkpoint, segmenter)
+        problem = first_mismatch(state, segmenter.state_dict())
+        if problem:
+            raise ValueError(f"pretrained {str(path)!r} does not fit the segmenter: {problem}")
+        segmenter.load_state_dict(state)
+    return segmenter
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints, configs, registration
+# configs, registration
 # ----------------------------------------------------------------------------------------------
-
-
-def checkpoint_filter_fn(state_dict: dict, model: EMMambaEncoder) -> dict:
-    """Adapt a checkpoint to ``model``: unwrap 'model'/'state_dict', and sum or repeat the stem's
-    input channels when ``in_chans`` differs (timm's adaptation handles 2-D stems only)."""
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-    state_dict = dict(state_dict)
-    weight = state_dict.get("stem.weight")
-    if weight is not None and weight.shape[1] != model.in_chans:
-        source = weight.shape[1]
-        if model.in_chans == 1:
-            weight = weight.sum(dim=1, keepdim=True)
-        else:
-            repeats = -(-model.in_chans // source)
-            weight = weight.repeat(1, repeats, 1, 1, 1)[:, : model.in_chans] * (source / model.in_chans)
-        state_dict["stem.weight"] = weight
-    return state_dict
 
 
 def _create_emmamba(variant: str, pretrained: bool = False, **kwargs) -> EMMambaEncoder:
+    # A tag of the authors' weights also builds their layer (explicit keyword arguments win).
+    tag = kwargs.get("pretrained_cfg")
+    if isinstance(tag, str):
+        for key, value in _TAG_MODEL_ARGS.get(f"{variant}.{tag}", {}).items():
+            kwargs.setdefault(key, value)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         EMMambaEncoder,
@@ -584,7 +1017,7 @@ def _create_emmamba(variant: str, pretrained: bool = False, **kwargs) -> EMMamba
     )
 
 
-def _em_cfg(**kwargs) -> dict:
+def _em_cfg(description: str = "", **kwargs) -> dict:
     # timm's cfg describes 2-D inputs (its builder asserts a 3-tuple input_size), so input_size is
     # one slice (C, Y, X) and the crop's depth is stated in the description; EM_INPUT_SIZE has all
     # four. Volumes are min-max scaled to [0, 1] (TokenUnify), so no further normalisation.
@@ -597,39 +1030,101 @@ def _em_cfg(**kwargs) -> dict:
         std=(1.0,),
         first_conv="stem",
         classifier="head",
-        description="EM volume encoder: input (B, 1, Z, Y, X), default crop 16 x 160 x 160 (Z, Y, X)",
+        description=description
+        or "EM volume encoder: input (B, 1, Z, Y, X), default crop 16 x 160 x 160 (Z, Y, X)",
         **kwargs,
     )
 
 
-# No public weights; pretrain with seqvision's TokenUnify loop or load your own through
-# pretrained_cfg_overlay=dict(file=...).
-default_cfgs = generate_default_cfgs({name: _em_cfg() for name in EM_ENCODERS})
+# The pretrained (not fine-tuned) encoders of the authors' Hub folder Pretrained_weights/: their whole
+# pretraining model's file, whose 'vit.' encoder the filter takes.
+_TOKENUNIFY_PRETRAINED = {
+    f"{name}.tokenunify_pretrained_{size.lower()}": _em_cfg(
+        description=(
+            f"TokenUnify_pretrained-{size}: the authors' pretrained (not fine-tuned) EM encoder, with their "
+            f"layer (no residual around the mixer, 5-chunk inter-slice route); {_TOKENUNIFY_INPUT}"
+        ),
+        hf_hub_id=_TOKENUNIFY_HUB,
+        hf_hub_filename=f"Pretrained_weights/TokenUnify_pretrained-{size}.pth",
+        license=_TOKENUNIFY_LICENSE,
+    )
+    for name, size in _TOKENUNIFY_RELEASES.items()
+}
+_TAG_MODEL_ARGS = {name: dict(TOKENUNIFY_LAYER) for name in _TOKENUNIFY_PRETRAINED}
+
+# The untagged cfgs (no hosted weights: seqvision's own layer) stay the default: a name without a
+# tag builds the same model as before, and the authors' weights are asked for by tag. (timm makes
+# the first tag with weights the default unless a later '*' tag claims it, hence this order.)
+default_cfgs = generate_default_cfgs(
+    {**_TOKENUNIFY_PRETRAINED, **{f"{name}.*": _em_cfg() for name in EM_ENCODERS}}
+)
+
+
+_REGISTERED_DIMS: dict[str, tuple[int, ...]] = {
+    "emmamba_base": (32, 64, 128, 256),
+    "emmamba_small": (64, 128, 256, 512),
+    "emmamba_mid": (96, 192, 384, 768),
+    "emmamba_large": (144, 288, 576, 1104),
+    "emmamba_huge": (192, 384, 768, 1536),
+}
+
+
+def _encoder_name_for(dims: Sequence[int]) -> str:
+    """The registered encoder with these widths, else the base one (the file's widths apply anyway)."""
+    return next((name for name, d in _REGISTERED_DIMS.items() if d == tuple(dims)), "emmamba_base")
+
+
+def _build_encoder_from_file(name: str, raw: Mapping[str, Any], **kwargs) -> EMMambaEncoder:
+    """convert_checkpoint's builder for 'emmamba_*': the encoder sized from the file."""
+    arch = {k: v for k, v in em_architecture(raw).items() if k not in _DECODER_ARGS}
+    return timm.create_model(name, **{**arch, **kwargs})
+
+
+def _build_segmenter_from_file(name: str, raw: Mapping[str, Any], **kwargs) -> EMSegMamba:
+    """convert_checkpoint's builder for 'em_segmenter': the segmenter sized from the file."""
+    arch = em_architecture(raw)
+    if "hidden_size" not in arch:
+        raise ValueError(
+            "em_segmenter converts a whole segmenter's checkpoint; this one holds an encoder only"
+        )
+    arch.pop("num_classes", None)
+    return create_em_segmenter(_encoder_name_for(arch["dims"]), **{**arch, **kwargs})
+
+
+register_converter("emmamba_*", checkpoint_filter_fn, build=_build_encoder_from_file)
+register_converter("em_segmenter", checkpoint_filter_fn, build=_build_segmenter_from_file)
 
 
 @register_model
 def emmamba_base(pretrained: bool = False, **kwargs) -> EMMambaEncoder:
     """EM Mamba encoder, widths 32-64-128-256, depths 2-2-2-2 (6.89 M; 28.30 M with the decoder)."""
-    arch = dict(dims=(32, 64, 128, 256), depths=(2, 2, 2, 2))
+    arch = dict(dims=_REGISTERED_DIMS["emmamba_base"], depths=(2, 2, 2, 2))
     return _create_emmamba("emmamba_base", pretrained=pretrained, **dict(arch, **kwargs))
 
 
 @register_model
 def emmamba_small(pretrained: bool = False, **kwargs) -> EMMambaEncoder:
     """EM Mamba encoder, widths 64-128-256-512, depths 2-2-2-2 (26.93 M; 112.53 M with the decoder)."""
-    arch = dict(dims=(64, 128, 256, 512), depths=(2, 2, 2, 2))
+    arch = dict(dims=_REGISTERED_DIMS["emmamba_small"], depths=(2, 2, 2, 2))
     return _create_emmamba("emmamba_small", pretrained=pretrained, **dict(arch, **kwargs))
 
 
 @register_model
 def emmamba_mid(pretrained: bool = False, **kwargs) -> EMMambaEncoder:
     """EM Mamba encoder, widths 96-192-384-768, depths 2-2-2-2 (60.10 M; 206.58 M with the decoder)."""
-    arch = dict(dims=(96, 192, 384, 768), depths=(2, 2, 2, 2))
+    arch = dict(dims=_REGISTERED_DIMS["emmamba_mid"], depths=(2, 2, 2, 2))
     return _create_emmamba("emmamba_mid", pretrained=pretrained, **dict(arch, **kwargs))
 
 
 @register_model
 def emmamba_large(pretrained: bool = False, **kwargs) -> EMMambaEncoder:
     """EM Mamba encoder, widths 144-288-576-1104, depths 2-2-2-2 (126.39 M; 506.57 M with the decoder)."""
-    arch = dict(dims=(144, 288, 576, 1104), depths=(2, 2, 2, 2))
+    arch = dict(dims=_REGISTERED_DIMS["emmamba_large"], depths=(2, 2, 2, 2))
     return _create_emmamba("emmamba_large", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def emmamba_huge(pretrained: bool = False, **kwargs) -> EMMambaEncoder:
+    """EM Mamba encoder, widths 192-384-768-1536, depths 2-2-2-2 (238.45 M; 1008.91 M with the decoder)."""
+    arch = dict(dims=_REGISTERED_DIMS["emmamba_huge"], depths=(2, 2, 2, 2))
+    return _create_emmamba("emmamba_huge", pretrained=pretrained, **dict(arch, **kwargs))

@@ -56,7 +56,7 @@ from .base import (
     build_backbone,
     check_chunk_size,
     check_image,
-    default_cfg,
+    fixed_size_cfg,
     init_linear,
 )
 from .layers import GroupRmsNorm, MdLrpe, MdTpe, TubeletEmbed
@@ -284,7 +284,8 @@ class LightNet(TokenBackbone):
         self.pads = pads
         self.md_tpe = MdTpe(embed_dim, num_heads, num_axes) if use_tpe else None
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the cpu explicitly, so that building under torch.device("meta") can read the rates.
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *[
                 LightNetBlock(
@@ -339,10 +340,10 @@ def _create_lightnet(variant: str, pretrained: bool = False, **kwargs) -> LightN
 # pretrained_cfg_overlay=dict(file=...) or dict(hf_hub_id=...).
 default_cfgs = generate_default_cfgs(
     {
-        "lightnet_tiny_patch16_224": default_cfg(),
-        "lightnet_small_patch16_224": default_cfg(),
-        "lightnet_base_patch16_224": default_cfg(),
-        "lightnet_small_video_patch16_224": default_cfg(num_classes=400),
+        "lightnet_tiny_patch16_224": fixed_size_cfg(),
+        "lightnet_small_patch16_224": fixed_size_cfg(),
+        "lightnet_base_patch16_224": fixed_size_cfg(),
+        "lightnet_small_video_patch16_224": fixed_size_cfg(num_classes=400),
     }
 )
 

@@ -8,12 +8,13 @@ prediction is the average over the steps:
       -> feature dropout -> LSTM -> (B, T, hidden) -> dropout -> Linear at every step (B, T, classes)
       -> mean over T ('mean') or the last step ('last') -> logits (B, classes)
 
-The paper uses an ImageNet-pretrained CaffeNet's fc6 as the frame feature, one LSTM layer of 256
-units for RGB input, dropout 0.5 before the classifier, and 16-frame training clips. The modern
-form keeps the recipe and swaps the encoder for a pooled ResNet (or any timm backbone). Reported
-accuracies, UCF101 (mean of 3 splits): single frame RGB 67.37, LRCN-fc6 RGB 68.20 (Donahue et al.,
-CVPR 2015); a PyTorch reimplementation with ResNet-18 + LSTM reports 82.2 on split 1 (not
-reproduced by this project).
+The paper uses an ImageNet-pretrained CaffeNet variant's fc6 as the frame feature (after its
+ReLU, with dropout 0.9), one LSTM layer of 256 units, dropout 0.5 before the classifier, and
+16-frame training clips: ``lrcn_caffenet`` (encoder ``caffenet.CaffeNet``). The modern form keeps
+the recipe and swaps the encoder for a pooled ResNet (or any timm backbone). Reported accuracies,
+UCF101, average over the three splits: single frame RGB 67.37, LRCN-fc6 RGB 68.20, LRCN-fc6 flow
+77.28 (Donahue et al., CVPR 2015; the released models are split-1 models); a PyTorch
+reimplementation with ResNet-18 + LSTM reports 82.2 on split 1 (not reproduced by this project).
 
 Layout: clips are (B, T, C, H, W), time BEFORE channels (frames stacked like a batch of images);
 LightNet's video model takes (B, C, T, H, W) instead. An image (B, C, H, W) is a clip of one frame.
@@ -37,10 +38,23 @@ the result is identical to one call in eval mode, while in train mode BatchNorm'
 are then per chunk. All of this is ``layers/frame_encoder.py``'s ``FrameEncoderMixin``, which the
 LRCN captioner (``captioner.py``) shares.
 
-Weights: no LRCN weights are published, so ``pretrained=True`` on the LRCN is an error unless a
-source is given (``pretrained_cfg_overlay=dict(file=...)`` for your own LRCN checkpoint).
-``pretrained_encoder=True`` loads timm's ImageNet weights for the encoder; a path loads a local
-``.safetensors`` / ``torch.save`` file of the encoder's own state dict (see ``load_encoder_file``).
+Weights: the authors published their Caffe models for UCF101 split 1 (RGB and flow, the LRCN and
+the single-frame baseline; https://people.eecs.berkeley.edu/~lisa_anne/LRCN_video). They are the
+pretrained tags of ``lrcn_caffenet`` (``ucf101_split1_rgb``, ``ucf101_split1_flow``) and of
+``lrcn_caffenet_singleframe`` (``caffenet.py``): ``pretrained=True`` downloads the ``.caffemodel``
+and ``LRCN.load_pretrained`` reads it with ``caffe.read_caffemodel`` (the protobuf wire format, no
+Caffe install) and converts it (:func:`checkpoint_filter_fn`): conv1..conv5 and fc6 into the
+encoder (conv1's input channels reversed, BGR -> RGB), the LSTM ``lstm1`` with Caffe's gate order
+[i, f, o, g] reordered to PyTorch's [i, f, g, o] (``W_xc`` -> ``weight_ih``, ``W_hc`` ->
+``weight_hh``, ``b_c`` -> ``bias_ih``, ``bias_hh`` = 0), ``fc8-final`` into the head. A local
+caffemodel: ``pretrained_cfg_overlay=dict(file=path, custom_load=True)`` (timm drops custom_load
+when the overlay names a file), or ``seqvision.vision.weights.convert_checkpoint(path,
+"lrcn_caffenet")``. Caffe's LSTM starts every clip from a zero state (the clip marker ``cont`` is 0
+at the first frame), as ``nn.LSTM`` does. The other LRCN variants have no published weights:
+``pretrained=True`` on them is an error unless a source is given (``pretrained_cfg_overlay=
+dict(file=...)`` for your own LRCN checkpoint). ``pretrained_encoder=True`` loads timm's ImageNet
+weights for the encoder; a path loads a local ``.safetensors`` / ``torch.save`` file of the
+encoder's own state dict (see ``load_encoder_file``).
 ``features_only`` is not supported: there is no feature pyramid over time (the encoder's own
 ``features_only`` gives one per frame).
 """
@@ -65,12 +79,25 @@ from timm.models._pretrained import PretrainedCfg
 from seqvision.kernels._common import check_positive_int
 
 from .base import check_chunk_size, init_linear
+from .caffe import CaffeModel, read_weights
+from .caffenet import (
+    MEAN_FLOW,
+    WEIGHTS_URL,
+    CaffeNet,
+    caffe_blob,
+    caffe_cfg,
+    caffenet_state_from_caffe,
+    unmapped_layers,
+)
+from .caffenet import checkpoint_filter_fn as caffenet_filter_fn
 from .layers.frame_encoder import FrameEncoderMixin, load_encoder_file
+from .weights import load_pretrained_file, register_converter, unwrap_state_dict
 
-__all__ = ["LRCN", "TEMPORAL_POOLS", "ClipPretrainedCfg", "load_encoder_file"]
+__all__ = ["LRCN", "TEMPORAL_POOLS", "ClipPretrainedCfg", "checkpoint_filter_fn", "load_encoder_file"]
 
 TEMPORAL_POOLS = ("mean", "last")
-# Where an LRCN's weights could come from (timm's PretrainedCfg fields); none is set by default.
+# Where an LRCN's weights could come from (timm's PretrainedCfg fields); only lrcn_caffenet's tags
+# set one (the authors' caffemodels).
 _WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
 
 
@@ -246,6 +273,97 @@ class LRCN(FrameEncoderMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """timm's ``custom_load``: read ``path`` (a caffemodel, or a seqvision ``.safetensors`` /
+        ``torch.save`` file), convert it (:func:`checkpoint_filter_fn`) and load it; a head of another
+        size keeps its initialisation, any other mismatch is a ValueError naming the key."""
+        load_pretrained_file(self, path, checkpoint_filter_fn, read=read_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# the authors' Caffe models
+# ----------------------------------------------------------------------------------------------
+
+# deploy_lstm.prototxt's layer names: the LSTM and the per-step classifier after it.
+_CAFFE_LSTM, _CAFFE_HEAD = "lstm1", "fc8-final"
+
+
+def caffe_lstm_to_torch(blobs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Caffe's LSTM blobs [W_xc (4H, D), b_c (4H,), W_hc (4H, H)] -> ``nn.LSTM``'s layer-0 tensors.
+
+    Caffe stacks the gates as [i, f, o, g] (lstm_layer.cpp / lstm_unit_layer.cpp), PyTorch as
+    [i, f, g, o]; Caffe has one bias, added to ``W_xc x``, so ``bias_hh`` is zero. H is the file's
+    (the key check then compares it with the model's).
+    """
+    if len(blobs) != 3:
+        raise ValueError(f"a Caffe LSTM layer holds 3 blobs (W_xc, b_c, W_hc), this one {len(blobs)}")
+    w_xc, b_c, w_hc = (blob.reshape(blob.shape[-2:]) if blob.dim() > 2 else blob for blob in blobs)
+    b_c = b_c.flatten()
+    rows = w_xc.shape[0]
+    if rows % 4 or w_hc.shape[0] != rows or b_c.numel() != rows:
+        raise ValueError(
+            f"a Caffe LSTM's blobs stack 4 gates of H rows each: W_xc {tuple(w_xc.shape)}, b_c "
+            f"{tuple(b_c.shape)}, W_hc {tuple(w_hc.shape)} do not"
+        )
+    hidden = rows // 4
+    i, f, o, g = (torch.arange(hidden) + k * hidden for k in range(4))
+    order = torch.cat([i, f, g, o])
+    return {
+        "weight_ih_l0": w_xc[order],
+        "weight_hh_l0": w_hc[order],
+        "bias_ih_l0": b_c[order],
+        "bias_hh_l0": torch.zeros_like(b_c),
+    }
+
+
+def _lrcn_state_from_caffe(net: CaffeModel, model: LRCN) -> dict[str, torch.Tensor]:
+    if not isinstance(model.encoder, CaffeNet):
+        raise ValueError(
+            f"{net.source}: a caffemodel converts into an LRCN whose encoder is the authors' CaffeNet "
+            f"variant (lrcn_caffenet), this one's is {type(model.encoder).__name__}"
+        )
+    if model.lstm.num_layers != 1:
+        raise ValueError(
+            f"{net.source}: the authors' LRCN has one LSTM layer, the model {model.lstm.num_layers}"
+        )
+    expected = model.state_dict()
+    encoder_expected = {
+        k.removeprefix("encoder."): v for k, v in expected.items() if k.startswith("encoder.")
+    }
+    state, used = caffenet_state_from_caffe(net, model.encoder, "encoder.", encoder_expected)
+    lstm = net.get(_CAFFE_LSTM)
+    if lstm is not None and lstm.blobs:
+        used.add(_CAFFE_LSTM)
+        try:
+            converted = caffe_lstm_to_torch(lstm.blobs)
+        except ValueError as e:
+            raise ValueError(f"{net.source}: layer {_CAFFE_LSTM!r}: {e}") from e
+        state.update({f"lstm.{k}": v for k, v in converted.items()})
+    head = net.get(_CAFFE_HEAD)
+    if head is not None and head.blobs:
+        used.add(_CAFFE_HEAD)
+        for suffix, blob in zip(("weight", "bias"), head.blobs, strict=False):
+            state[f"head.{suffix}"] = caffe_blob(blob, expected.get(f"head.{suffix}"))
+    state.update(unmapped_layers(net, used))
+    return state
+
+
+def checkpoint_filter_fn(state: dict, model: LRCN) -> dict[str, torch.Tensor]:
+    """An LRCN checkpoint -> ``model``'s state dict: a caffemodel of the authors (read as
+    :class:`~seqvision.vision.caffe.CaffeModel`: conv1..conv5, fc6, 'lstm1', 'fc8-final') is
+    converted; a seqvision checkpoint is unwrapped ('model' / 'state_dict' / 'module.')."""
+    if isinstance(state, CaffeModel):
+        return _lrcn_state_from_caffe(state, model)
+    return unwrap_state_dict(state)
+
+
+def _caffe_filter(state: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The converter of the lrcn_caffenet* names: LRCNs and the single-frame CaffeNet."""
+    return checkpoint_filter_fn(state, model) if isinstance(model, LRCN) else caffenet_filter_fn(state, model)
+
+
+register_converter("lrcn_caffenet*", _caffe_filter, read=read_weights)
+
 
 # ----------------------------------------------------------------------------------------------
 # configs, registration
@@ -275,7 +393,7 @@ def _lrcn_cfg(first_conv: str | tuple[str, ...] | None = None, **kwargs) -> dict
         "classifier": "head",
         "license": "apache-2.0",
         "num_frames": 16,
-        "description": "LRCN: clips (B, T, C, H, W), 16-frame training clips; no LRCN weights are hosted",
+        "description": "LRCN: clips (B, T, C, H, W), 16-frame training clips; no weights for this variant",
         **kwargs,
     }
 
@@ -286,6 +404,12 @@ def _create_lrcn(variant: str, pretrained: bool = False, **kwargs) -> LRCN:
             f"{variant} has no feature pyramid (features_only): use forward_features for the LSTM "
             "outputs (B, T, hidden), or create the encoder itself with features_only=True"
         )
+    encoder_kwargs = kwargs.get("encoder_kwargs") or {}
+    if "img_size" in encoder_kwargs and "img_size" not in kwargs:
+        # The frame size given for the encoder is the model's img_size: for a fixed-size encoder's cfg
+        # timm would otherwise add the cfg's img_size to the keyword arguments, a second value.
+        kwargs["img_size"] = encoder_kwargs["img_size"]
+        kwargs["encoder_kwargs"] = {k: v for k, v in encoder_kwargs.items() if k != "img_size"}
     if pretrained:
         cfg = resolve_pretrained_cfg(
             variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
@@ -296,20 +420,45 @@ def _create_lrcn(variant: str, pretrained: bool = False, **kwargs) -> LRCN:
                 "ImageNet weights into the encoder, and pretrained_cfg_overlay=dict(file=...) loads "
                 "your own LRCN checkpoint"
             )
-    model = build_model_with_cfg(LRCN, variant, pretrained, **kwargs)
+    model = build_model_with_cfg(
+        LRCN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
     model.pretrained_cfg["num_frames"] = model.num_frames  # the model's clip length, as built
     return model
 
 
+def _caffe_lrcn_cfg(file: str, **kwargs) -> ClipPretrainedCfg:
+    """An authors' LRCN caffemodel: their frame preprocessing (``caffenet.caffe_cfg``), 16-frame clips."""
+    return ClipPretrainedCfg(
+        **caffe_cfg(url=WEIGHTS_URL + file, first_conv="encoder.conv1", num_frames=16, **kwargs)
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
-        name: ClipPretrainedCfg(**_lrcn_cfg(first_conv))
-        for name, first_conv in (
-            ("lrcn_resnet18", "encoder.conv1"),
-            ("lrcn_resnet50", "encoder.conv1"),
-            ("lrcn_vir_small", "encoder.patch_embed.proj"),
-            ("lrcn_lightnet_small", "encoder.patch_embed.proj"),
-        )
+        # A ViR or LightNet frame encoder refuses other frame sizes unless dynamic_img_size=True
+        # (which the LRCN passes on to it), so those two declare a fixed input size as their encoders do.
+        **{
+            name: ClipPretrainedCfg(**_lrcn_cfg(first_conv, fixed_input_size=fixed))
+            for name, first_conv, fixed in (
+                ("lrcn_resnet18", "encoder.conv1", False),
+                ("lrcn_resnet50", "encoder.conv1", False),
+                ("lrcn_vir_small", "encoder.patch_embed.proj", True),
+                ("lrcn_lightnet_small", "encoder.patch_embed.proj", True),
+            )
+        },
+        "lrcn_caffenet.ucf101_split1_rgb": _caffe_lrcn_cfg(
+            "RGB_lstm_model_iter_30000.caffemodel",
+            description="LRCN-fc6, RGB frames, UCF101 split 1 (the authors' Caffe model)",
+        ),
+        "lrcn_caffenet.ucf101_split1_flow": _caffe_lrcn_cfg(
+            "flow_lstm_model_iter_50000.caffemodel",
+            mean=MEAN_FLOW,
+            description=(
+                "LRCN-fc6, flow images (x, y, magnitude; 128 + 16 * flow), UCF101 split 1 (the authors' "
+                "Caffe model)"
+            ),
+        ),
     }
 )
 
@@ -340,3 +489,20 @@ def lrcn_vir_small(pretrained: bool = False, **kwargs) -> LRCN:
 def lrcn_lightnet_small(pretrained: bool = False, **kwargs) -> LRCN:
     """LRCN on LightNet-Small/16 (mean of the tokens, 384 features), one LSTM layer of 256, 101 classes."""
     return _variant("lrcn_lightnet_small", pretrained, kwargs, encoder="lightnet_small_patch16_224")
+
+
+@register_model
+def lrcn_caffenet(pretrained: bool = False, **kwargs) -> LRCN:
+    """LRCN as the authors built it: the CaffeNet variant's ReLU(fc6) (4096 features; encoder
+    ``caffenet_hybrid`` with ``fc_dims=(4096,)``), dropout 0.9, one LSTM layer of 256, dropout 0.5,
+    UCF101's 101 classes, 227-pixel frames (deploy_lstm.prototxt / train_test_lstm_RGB.prototxt)."""
+    return _variant(
+        "lrcn_caffenet",
+        pretrained,
+        kwargs,
+        encoder="caffenet_hybrid",
+        fc_dims=(4096,),
+        feature_dropout=0.9,
+        dropout=0.5,
+        lstm_hidden=256,
+    )

@@ -39,14 +39,19 @@ Numerics: whatever the activations' dtype (bf16 / fp16 parameters or autocast), 
 the scan and the route merge run in float32 (float64 for float64 inputs) with autocast switched off;
 the low-precision NaNs mamba-ssm's users report come from exp(delta A) and softplus in 16 bits.
 
-Models (no hosted weights; parameter counts at 224 px with 1000 classes):
+Models (parameter counts at 224 px with 1000 classes; weights: the authors' ImageNet-1k files on the
+Hugging Face Hub, tag ``.in1k``, read through ``VisionMamba.load_pretrained``):
 
-================================  ===========================  ==========  =================
-model                             layout                       parameters  paper
-================================  ===========================  ==========  =================
-``vim_tiny_patch16_224``          192 wide, 24 blocks          7.15 M      Vim-Ti 7 M
-``vim_small_patch16_224``         384 wide, 24 blocks          25.80 M     Vim-S 26 M
-================================  ===========================  ==========  =================
+==================================  ==========================  ==========  ==================  =====
+model                               layout                      parameters  paper               .in1k
+==================================  ==========================  ==========  ==================  =====
+``vim_tiny_patch16_224``            192 wide, 24 blocks         7.15 M      Vim-Ti 7 M          yes
+``vim_small_patch16_224``           384 wide, 24 blocks         25.80 M     Vim-S 26 M          yes
+``vim_base_patch16_224``            768 wide, 24 blocks         97.60 M     Vim-B 98 M          yes
+``vim_tiny_patch16_stride8_224``    Ti, 27 x 27 tokens          7.25 M      Vim-Ti+ 7 M         yes
+``vim_small_patch16_stride8_224``   S, 27 x 27 tokens           26.00 M     Vim-S+ 26 M         yes
+``vim_base_patch16_stride8_224``    B, 27 x 27 tokens           98.01 M     (not published)     no
+==================================  ==========================  ==========  ==================  =====
 
 Vim (Zhu et al., arXiv 2401.09417; code hustvl/Vim): patch embedding, absolute positions, the class
 token inserted in the MIDDLE of the patch sequence (so both scan directions reach it after half the
@@ -54,7 +59,11 @@ patches), 24 blocks RMSNorm -> bidirectional Mamba (routes averaged, Vim's ``if_
 residual, RMSNorm, head on the class token. Here the position embedding covers the patches only
 (the class token's own position is folded into the learned token), so counts are D lower than Vim's,
 and ``forward_features`` returns the patch tokens first and the class token LAST, the layout every
-seqvision backbone shares; the middle placement is internal to the blocks.
+seqvision backbone shares; the middle placement is internal to the blocks. The ``stride8`` models take
+16-pixel patches every 8 pixels (27 x 27 tokens at 224, no padding), as the authors' fine-tuned "+"
+models do; their features have reduction 8. ``checkpoint_filter_fn`` converts the authors' files
+(stacking each scan tensor with its backward twin, folding the class token's position into the
+token); ``seqvision.vision.weights.convert_checkpoint(path, "vim_...")`` does the same to a file.
 
 Scripting: not supported (the mixers call Python operators with argument checks). ``MambaMixer`` is
 an fx leaf module, so timm's fx feature extraction works for fixed-size Vim models.
@@ -76,6 +85,7 @@ from timm.layers import (
     PatchEmbed,
     RmsNorm,
     register_notrace_module,
+    resample_abs_pos_embed,
     trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
@@ -86,13 +96,13 @@ from seqvision.kernels import (
     cross_merge,
     cross_scan,
     linear_attention,
-    scan_orders,
     selective_scan,
 )
 from seqvision.kernels._common import check_positive_int
 
-from .base import PatchTokenBackbone, ScanMixer, build_backbone, default_cfg, init_linear
-from .vir import checkpoint_filter_fn as _pos_embed_filter_fn
+from .base import PatchTokenBackbone, ScanMixer, build_backbone, fixed_size_cfg, init_linear
+from .layers import StridedPatchEmbed
+from .weights import load_pretrained_file, register_converter, unwrap_state_dict
 
 __all__ = [
     "SCAN_DIRECTIONS",
@@ -140,7 +150,14 @@ class MambaMixer(ScanMixer):
         grid_conv: VMamba's depthwise conv on the grid before the routes instead of a causal conv
             per route ('cross' and 'tri' only).
         out_norm: VMamba's LayerNorm on the merged routes before the gate.
+        gate: Mamba's gate, y * silu(z) with z from a second half of in_proj. False: in_proj gives u
+            alone and the normalised routes go straight to out_proj (VMamba v2/v3's SS2D, '_noz').
         average_routes: divide the route sum by the number of routes (Vim's ``if_divide_out``).
+        inter_slice_chunks: 'tri' only: how the inter-slice route cuts the raster sequence. The
+            route splits it into this many equal chunks and interleaves them (position p * n + c
+            holds token c * L / n + p). None (default) uses the real slice count Z of the grid, so
+            the route visits the Z slices of one (y, x) column in turn; TokenUnify's released code
+            uses a fixed 5 whatever Z is (L must then be divisible by it).
         dt_min, dt_max, dt_init_floor: range of the initial step sizes.
         conv_bias, bias: biases of the conv and of in_proj / out_proj.
     """
@@ -157,7 +174,9 @@ class MambaMixer(ScanMixer):
         head_dim: int = 64,
         grid_conv: bool = False,
         out_norm: bool = False,
+        gate: bool = True,
         average_routes: bool = False,
+        inter_slice_chunks: int | None = None,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
@@ -179,6 +198,13 @@ class MambaMixer(ScanMixer):
                 "grid_conv needs scan_directions 'cross' or 'tri' and an odd d_conv, "
                 f"got scan_directions={scan_directions!r} and d_conv={d_conv}"
             )
+        if inter_slice_chunks is not None:
+            check_positive_int("inter_slice_chunks", inter_slice_chunks)
+            if scan_directions != "tri":
+                raise ValueError(
+                    "inter_slice_chunks needs scan_directions='tri' (it shapes the inter-slice route), "
+                    f"got scan_directions={scan_directions!r}"
+                )
         inner = int(expand * dim)
         if inner < 1:
             raise ValueError(f"expand * dim must be at least 1, got expand={expand} and dim={dim}")
@@ -193,10 +219,12 @@ class MambaMixer(ScanMixer):
         self.scan_directions, self.num_routes, self.grid_ndim = scan_directions, num_routes, grid_ndim
         self.num_heads = inner // head_dim if version == 2 else inner
         self.average_routes = average_routes
+        self.inter_slice_chunks = inter_slice_chunks
         # selective_scan has no O(L^2) form; SSD (linear_attention) has all three.
         self.FORMS = ("chunk", "recurrent") if version == 1 else ScanMixer.FORMS
 
-        self.in_proj = nn.Linear(dim, 2 * inner, bias=bias)
+        self.gate = gate
+        self.in_proj = nn.Linear(dim, (2 if gate else 1) * inner, bias=bias)
         self.grid_conv = grid_conv
         if grid_conv:
             conv_cls = nn.Conv2d if grid_ndim == 2 else nn.Conv3d
@@ -240,7 +268,8 @@ class MambaMixer(ScanMixer):
         """x (B, L, dim) -> (B, L, dim). ``grid`` (H, W) or (Z, Y, X) with L = prod(grid) when the
         tokens are a raster-order grid; needed for 'cross', 'tri' and ``grid_conv``."""
         batch, length = self._check_input(x, grid)
-        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2E, L), or (B, E, L) without the gate
+        u, z = xz.chunk(2, dim=1) if self.gate else (xz, None)  # (B, E, L) each
         if self.grid_conv:
             u = F.silu(self.conv(u.reshape(batch, self.inner, *grid))).flatten(2)
             routes = self._route(u, grid)  # (B, K, E, L)
@@ -261,8 +290,9 @@ class MambaMixer(ScanMixer):
             y = self._merge(ys, grid)
             if self.average_routes:
                 y = y / self.num_routes
-        y = self.out_norm(y.transpose(1, 2).to(z.dtype))
-        return self.out_proj(y * F.silu(z.transpose(1, 2)))
+        # Back to the activations' dtype (in_proj's output: bf16 under autocast or for bf16 weights).
+        y = self.out_norm(y.transpose(1, 2).to(xz.dtype))
+        return self.out_proj(y if z is None else y * F.silu(z.transpose(1, 2)))
 
     def _check_input(self, x: torch.Tensor, grid: Sequence[int] | None) -> tuple[int, int]:
         if not isinstance(x, torch.Tensor):
@@ -279,6 +309,12 @@ class MambaMixer(ScanMixer):
                     f"grid must be {layout} with prod(grid) = L = {length} for scan_directions="
                     f"{self.scan_directions!r}, got {grid!r}"
                 )
+        chunks = self.inter_slice_chunks
+        if chunks is not None and length % chunks:
+            raise ValueError(
+                f"inter_slice_chunks={chunks} must divide the sequence length L = {length} (grid "
+                f"{tuple(grid)}): the inter-slice route interleaves that many equal chunks"
+            )
         return batch, length
 
     def _route(self, u: torch.Tensor, grid: Sequence[int] | None) -> torch.Tensor:
@@ -287,13 +323,9 @@ class MambaMixer(ScanMixer):
             return u.unsqueeze(1)
         if self.scan_directions == "bidirectional":
             return torch.stack((u, u.flip(-1)), dim=1)
-        volume = u.reshape(*u.shape[:2], *grid)
         if self.scan_directions == "cross":
-            return cross_scan(volume)
-        # (Z, Y, X) with x and y swapped, flattened 'transposed' (first axis fastest): y slowest, then
-        # x, then z, so the slices of one (y, x) column follow each other, with the real slice count.
-        inter_slice = scan_orders.flatten(volume.transpose(-1, -2), "transposed")
-        return torch.stack((u, u.flip(-1), inter_slice), dim=1)
+            return cross_scan(u.reshape(*u.shape[:2], *grid))
+        return torch.stack((u, u.flip(-1), self._interleave(u, grid)), dim=1)
 
     def _merge(self, ys: torch.Tensor, grid: Sequence[int] | None) -> torch.Tensor:
         """The adjoint of ``_route``: every route back in raster order, summed. (B, K, E, L) -> (B, E, L)."""
@@ -303,10 +335,18 @@ class MambaMixer(ScanMixer):
             return cross_merge(ys, tuple(grid)).flatten(2)
         y = ys[:, 0] + ys[:, 1].flip(-1)
         if self.scan_directions == "tri":
-            z, yy, xx = grid
-            inter_slice = scan_orders.unflatten(ys[:, 2], (z, xx, yy), "transposed")
-            y = y + inter_slice.transpose(-1, -2).flatten(2)
+            chunks = grid[0] if self.inter_slice_chunks is None else self.inter_slice_chunks
+            y = y + ys[:, 2].unflatten(-1, (-1, chunks)).transpose(-1, -2).flatten(-2)
         return y
+
+    def _interleave(self, u: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """The inter-slice route: (B, E, L) raster -> (B, E, L), n equal chunks interleaved.
+
+        With n = Z (``inter_slice_chunks=None``) the chunks are the slices, so position
+        (y * X + x) * Z + z holds voxel (z, y, x): the slices of one column follow each other.
+        """
+        chunks = grid[0] if self.inter_slice_chunks is None else self.inter_slice_chunks
+        return u.unflatten(-1, (chunks, -1)).transpose(-1, -2).flatten(-2)
 
     def _scan(self, u: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
         """Mamba-1 on all routes at once: u (B, K, E, L), dt (B, K, R, L), B, C (B, K, N, L) -> y like u."""
@@ -391,7 +431,8 @@ class MambaMixer(ScanMixer):
             raise ValueError(f"x must be one token per sequence (B, dim={self.dim}), got {tuple(x.shape)}")
         if window.shape[0] != x.shape[0]:
             raise ValueError(f"state is for batch {window.shape[0]}, got x with batch {x.shape[0]}")
-        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, E) each
+        xz = self.in_proj(x)
+        u, z = xz.chunk(2, dim=-1) if self.gate else (xz, None)  # (B, E) each
         # The causal conv over the last d_conv inputs, oldest first (the conv's tap order).
         taps = torch.cat((window, u.unsqueeze(-1)), dim=-1)  # (B, E, d_conv)
         conv = (taps * self.conv.weight[:, 0]).sum(-1)
@@ -415,8 +456,8 @@ class MambaMixer(ScanMixer):
                 + B[:, None, :, None] * (delta[..., None] * x_h)[:, :, None]
             )
             y = ((C[:, None, None, :] @ h).squeeze(-2) + D[:, None] * x_h).flatten(1)
-        y = self.out_norm(y.to(z.dtype))
-        return self.out_proj(y * F.silu(z)), (taps[..., 1:], h)
+        y = self.out_norm(y.to(proj.dtype))
+        return self.out_proj(y if z is None else y * F.silu(z)), (taps[..., 1:], h)
 
     def extra_repr(self) -> str:
         return (
@@ -514,6 +555,11 @@ class VisionMamba(PatchTokenBackbone):
     Input (B, in_chans, H, W); ``forward`` returns logits (B, num_classes), ``forward_features`` the
     normalised tokens (B, N + 1, embed_dim): the N patch tokens in raster order, then the class token.
     Inside the blocks the class token sits at position N // 2, as in Vim.
+
+    ``stride`` (None: the patch size) below ``patch_size`` takes overlapping patches, as Vim's
+    fine-tuned models do (patch 16, stride 8: 27 x 27 tokens at 224 pixels, no padding); it must
+    divide the patch size. ``patch_size`` then holds the stride, the pixel step between tokens that
+    image sizes are checked against and the features' reduction; ``patch_embed.patch_size`` the patch.
     """
 
     global_pools = ("token", "avg", "")
@@ -524,6 +570,7 @@ class VisionMamba(PatchTokenBackbone):
         self,
         img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
+        stride: int | None = None,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "token",
@@ -564,17 +611,29 @@ class VisionMamba(PatchTokenBackbone):
         self.in_chans = in_chans
         self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            flatten=False,
-            output_fmt="NHWC",
-            strict_img_size=not dynamic_img_size,
-            dynamic_img_pad=dynamic_img_size if dynamic_img_pad is None else dynamic_img_pad,
-        )
-        self.patch_size = self.patch_embed.patch_size
+        pads = dynamic_img_size if dynamic_img_pad is None else dynamic_img_pad
+        if stride is None or stride == patch_size:
+            self.patch_embed = PatchEmbed(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                embed_dim=embed_dim,
+                flatten=False,
+                output_fmt="NHWC",
+                strict_img_size=not dynamic_img_size,
+                dynamic_img_pad=pads,
+            )
+        else:
+            check_positive_int("stride", stride)
+            if patch_size % stride:
+                raise ValueError(f"stride must divide patch_size={patch_size}, got stride={stride}")
+            self.patch_embed = StridedPatchEmbed(
+                img_size, patch_size, stride, in_chans, embed_dim, not dynamic_img_size, pads
+            )
+        # The pixel step between neighbouring tokens (the stride of overlapping patches): the image
+        # sizes that fit without padding are its multiples (at least one patch, which patch_embed
+        # checks), and it is the reduction of every block's features.
+        self.patch_size = tuple(self.patch_embed.feat_ratio(as_scalar=False))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -621,15 +680,138 @@ class VisionMamba(PatchTokenBackbone):
         x = super()._run_blocks(x, grid, blocks)
         return torch.cat((x[:, :mid], x[:, mid + 1 :], x[:, mid : mid + 1]), dim=1)
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's loader for cfgs with ``custom_load``: read a checkpoint file (the authors' training
+        checkpoint or seqvision's state dict) without running code from it, convert it with
+        ``checkpoint_filter_fn`` and load it, adapting what timm's own loader adapts.
+
+        timm calls it for the Vim tags' hub files, and for a local file given as
+        ``pretrained_cfg_overlay=dict(file=..., custom_load=True)`` (a new source alone resets
+        ``custom_load``). The authors' files are training checkpoints whose ``"model"`` entry is the
+        network their README's accuracy was measured on; timm's own reader would take the
+        ``"model_ema"`` copy where a file has one. As in timm, the classifier keeps its initial
+        weights when ``num_classes`` differs from the cfg's, and the patch projection is adapted to
+        ``in_chans``. Anything else that does not fit raises a ValueError naming the first such key.
+        """
+        load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
+
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints, configs, registration
 # ----------------------------------------------------------------------------------------------
 
 
+# The authors' Mamba (mamba-1p1p1, bimamba v2) keeps each direction's tensors apart: ours stacks them
+# on a leading route axis, forward first (``MambaMixer``'s per-route parameters), or concatenates the
+# two depthwise convs on the channel axis (one Conv1d over both routes).
+_AUTHORS_STACKED = (  # ours <- (forward, backward) under layers.i.mixer.
+    ("x_proj_weight", "x_proj.weight", "x_proj_b.weight"),
+    ("dt_proj_weight", "dt_proj.weight", "dt_proj_b.weight"),
+    ("dt_proj_bias", "dt_proj.bias", "dt_proj_b.bias"),
+    ("A_log", "A_log", "A_b_log"),
+    ("D", "D", "D_b"),
+)
+_AUTHORS_CONCATENATED = (
+    ("conv.weight", "conv1d.weight", "conv1d_b.weight"),
+    ("conv.bias", "conv1d.bias", "conv1d_b.bias"),
+)
+
+
+def _is_authors_layout(state: dict) -> bool:
+    return "norm_f.weight" in state or any(k.startswith("layers.") for k in state)
+
+
+def _resample_positions(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], model: VisionMamba
+) -> torch.Tensor:
+    """Patch positions (1, N, D) on ``old_grid`` -> the model's grid (timm's bicubic resampling)."""
+    new_grid = tuple(model.patch_embed.grid_size)
+    if tuple(old_grid) == new_grid:
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, new_grid, old_grid, num_prefix_tokens=0)
+
+
+def _square_grid(rows: int, what: str) -> tuple[int, int]:
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise ValueError(f"pos_embed of the checkpoint must cover a square grid of patches, got {what}")
+    return side, side
+
+
+def _convert_authors_state(state: dict, model: VisionMamba) -> dict:
+    """hustvl/Vim's keys and packing -> seqvision's (see ``checkpoint_filter_fn``)."""
+    out, used = {}, set()
+    layers = {k.split(".")[1] for k in state if k.startswith("layers.")}
+    for i in sorted(int(i) for i in layers if i.isdigit()):
+        theirs, ours = f"layers.{i}.mixer.", f"blocks.{i}.mixer."
+        for pairs, join in ((_AUTHORS_STACKED, torch.stack), (_AUTHORS_CONCATENATED, torch.cat)):
+            for name, forward, backward in pairs:
+                keys = (theirs + forward, theirs + backward)
+                present = [k in state for k in keys]
+                if not any(present):  # conv biases of a conv_bias=False model: the loader names them
+                    continue
+                if not all(present):
+                    missing = keys[present.index(False)]
+                    raise ValueError(
+                        f"the authors' Vim checkpoint must hold both directions of {keys[0]!r}: "
+                        f"{missing!r} is missing (bimamba v2 keeps a backward twin of every scan tensor)"
+                    )
+                try:
+                    out[ours + name] = join([state[k] for k in keys], dim=0)
+                except (RuntimeError, TypeError) as e:
+                    shapes = [tuple(getattr(state[k], "shape", ())) for k in keys]
+                    raise ValueError(
+                        f"{keys[0]!r} {shapes[0]} and its backward twin {keys[1]!r} {shapes[1]} must have "
+                        "the same shape"
+                    ) from e
+                used.update(keys)
+    if "cls_token" in state and "pos_embed" in state:
+        # Their pos_embed (1, N + 1, D) has the class token's row at N // 2, where the token is scanned.
+        pos_embed = state["pos_embed"]
+        mid = (pos_embed.shape[1] - 1) // 2
+        out["cls_token"] = state["cls_token"] + pos_embed[:, mid : mid + 1]
+        patches = torch.cat((pos_embed[:, :mid], pos_embed[:, mid + 1 :]), dim=1)
+        rows = f"{patches.shape[1]} patch rows (its pos_embed {tuple(pos_embed.shape)} less the class row)"
+        grid = _square_grid(patches.shape[1], rows)
+        out["pos_embed"] = _resample_positions(patches, grid, model)
+        used.update(("cls_token", "pos_embed"))
+    for key, value in state.items():  # renamed one to one; anything unknown is kept for the strict check
+        if key in used:
+            continue
+        if key.startswith("norm_f."):
+            key = "norm." + key[len("norm_f.") :]
+        elif key.startswith("layers."):
+            key = "blocks." + key[len("layers.") :]
+        out[key] = value
+    return out
+
+
 def checkpoint_filter_fn(state_dict: dict, model: VisionMamba) -> dict:
-    """Adapt a checkpoint to ``model``: unwrap 'model'/'state_dict'/'module', resize the pos_embed."""
-    return _pos_embed_filter_fn(state_dict, model)  # Vim's position embedding is laid out like ViR's
+    """Adapt a Vim checkpoint to ``model``: the authors' (hustvl/Vim) or seqvision's layout.
+
+    Unwraps a training checkpoint (the ``"model"`` entry, never the EMA copy). The authors' layout
+    (``layers.i.mixer.*`` with backward twins ``*_b`` / ``A_b_log``, ``norm_f``, a ``pos_embed`` of
+    N + 1 rows) is converted: ``layers`` -> ``blocks``, ``norm_f`` -> ``norm``; each scan tensor
+    stacked with its backward twin, forward first (x_proj, dt_proj, A_log, D: (2, ...)), the two
+    depthwise convs concatenated on channels (2E); the class token's position (row N // 2, where
+    their model inserts the token) added to ``cls_token`` and dropped from ``pos_embed``. The patch
+    positions of either layout are then resampled when the model's grid differs (a square grid is
+    assumed for the file's). Raises ValueError naming the key where a backward twin is missing or
+    does not match its forward tensor; other misfits are named by the loader.
+    """
+    state = unwrap_state_dict(state_dict)
+    if _is_authors_layout(state):
+        return _convert_authors_state(state, model)
+    out = dict(state)
+    pos_embed = out.get("pos_embed")
+    if isinstance(pos_embed, torch.Tensor) and pos_embed.shape != model.pos_embed.shape:
+        grid = _square_grid(pos_embed.shape[1], f"{pos_embed.shape[1]} rows")
+        out["pos_embed"] = _resample_positions(pos_embed, grid, model)
+    return out
+
+
+register_converter("vim_*", checkpoint_filter_fn)
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
@@ -638,10 +820,38 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba
     )
 
 
-# No public weights in this layout; load your own with
-# timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="model.safetensors")).
+def _vim_cfg(hub_id: str | None = None, filename: str | None = None, top1: str | None = None) -> dict:
+    """The authors' evaluation transform (vim/datasets.py and main.py: resize to 224 / 0.875 = 256
+    pixels bicubic, 224 centre crop, ImageNet mean / std) at Vim's fixed 224-pixel input, and the
+    hub file. ``custom_load``: ``VisionMamba.load_pretrained`` reads their training checkpoints."""
+    weights = {"hf_hub_id": hub_id, "hf_hub_filename": filename} if hub_id else {}
+    return fixed_size_cfg(
+        crop_pct=0.875,
+        interpolation="bicubic",
+        custom_load="hf",
+        license="apache-2.0",  # hustvl/Vim's LICENSE.txt
+        origin_url="https://github.com/hustvl/Vim",
+        paper_ids="arXiv:2401.09417",
+        paper_name="Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space "
+        "Model",
+        **({"notes": (f"ImageNet-1k top-1 {top1} (hustvl/Vim README)",)} if top1 else {}),
+        **weights,
+    )
+
+
+# The authors' ImageNet-1k weights (hustvl/Vim README, "Model Weights"): architecture, hub repository,
+# file, top-1. The "+" files are their stride-8 fine-tunes of the stride-16 models, on ImageNet-1k
+# again, so every architecture has one set of weights and one tag, .in1k.
+_AUTHORS_WEIGHTS = (
+    ("vim_tiny_patch16_224", "hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth", "76.1"),
+    ("vim_small_patch16_224", "hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth", "80.5"),
+    ("vim_base_patch16_224", "hustvl/Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth", "81.9"),
+    ("vim_tiny_patch16_stride8_224", "hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth", "78.3"),
+    ("vim_small_patch16_stride8_224", "hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth", "81.6"),
+)
 default_cfgs = generate_default_cfgs(
-    {"vim_tiny_patch16_224": default_cfg(), "vim_small_patch16_224": default_cfg()}
+    {f"{arch}.in1k": _vim_cfg(hub_id, file, top1) for arch, hub_id, file, top1 in _AUTHORS_WEIGHTS}
+    | {"vim_base_patch16_stride8_224": _vim_cfg()}  # the authors published no stride-8 Vim-B
 )
 
 
@@ -657,3 +867,31 @@ def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
     """Vim-S/16: 384 wide, 24 bidirectional Mamba blocks, class token in the middle (25.80 M)."""
     arch = dict(patch_size=16, embed_dim=384, depth=24)
     return _create_vim("vim_small_patch16_224", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-B/16: 768 wide, 24 bidirectional Mamba blocks, class token in the middle (97.60 M)."""
+    arch = dict(patch_size=16, embed_dim=768, depth=24)
+    return _create_vim("vim_base_patch16_224", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-Ti+/16: Vim-Ti on 16-pixel patches every 8 pixels, 27 x 27 tokens at 224 (7.25 M)."""
+    arch = dict(patch_size=16, stride=8, embed_dim=192, depth=24)
+    return _create_vim("vim_tiny_patch16_stride8_224", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-S+/16: Vim-S on 16-pixel patches every 8 pixels, 27 x 27 tokens at 224 (26.00 M)."""
+    arch = dict(patch_size=16, stride=8, embed_dim=384, depth=24)
+    return _create_vim("vim_small_patch16_stride8_224", pretrained=pretrained, **dict(arch, **kwargs))
+
+
+@register_model
+def vim_base_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    """Vim-B/16 on 16-pixel patches every 8 pixels, 27 x 27 tokens at 224 (98.01 M)."""
+    arch = dict(patch_size=16, stride=8, embed_dim=768, depth=24)
+    return _create_vim("vim_base_patch16_stride8_224", pretrained=pretrained, **dict(arch, **kwargs))

@@ -24,6 +24,10 @@ and an output Linear with bias, q scaled by head_dim^-0.5; no gate, no group nor
 Parameter counts equal the matching timm ViT's minus the class token's position embedding (D) plus
 the LayerScale vectors (2 D per block).
 
+Weights: the authors published none. ``init_from_vit(model, vit)`` fills a ViR from timm's ViT of the
+same size (the same tensors under the same names) as a starting point for fine-tuning; it is not a
+pretrained ViR.
+
 Scripting: ``torch.jit.script`` is not supported (the retention call goes through the Python
 operator with argument checks and backend dispatch; TorchScript is deprecated upstream). timm's fx
 feature extraction works for fixed-size models (``dynamic_img_size=False``): ``Retention`` is
@@ -33,7 +37,7 @@ registered as an fx leaf module and the input checks are skipped while tracing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import torch
@@ -56,11 +60,19 @@ from .base import (
     ScanMixer,
     build_backbone,
     check_chunk_size,
-    default_cfg,
+    fixed_size_cfg,
     init_linear,
 )
+from .weights import first_mismatch, unwrap_state_dict
 
-__all__ = ["RETENTION_FORMS", "Retention", "RetentionBlock", "VisionRetentionNet", "retention_log_decay"]
+__all__ = [
+    "RETENTION_FORMS",
+    "Retention",
+    "RetentionBlock",
+    "VisionRetentionNet",
+    "init_from_vit",
+    "retention_log_decay",
+]
 
 RETENTION_FORMS = ScanMixer.FORMS
 _default_norm = partial(nn.LayerNorm, eps=1e-6)
@@ -244,7 +256,8 @@ class VisionRetentionNet(PatchTokenBackbone):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        drop_path = torch.linspace(0, drop_path_rate, depth).tolist()
+        # On the cpu explicitly, so that building under torch.device("meta") can read the rates.
+        drop_path = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *[
                 RetentionBlock(
@@ -333,23 +346,84 @@ class VisionRetentionNet(PatchTokenBackbone):
         return self.head(self.head_drop(pooled))
 
 
+def _resample_patch_positions(pos_embed: torch.Tensor, model: VisionRetentionNet) -> torch.Tensor:
+    """A square grid of patch positions (1, N, D) resampled to the model's patch grid."""
+    if pos_embed.shape == model.pos_embed.shape:
+        return pos_embed
+    side = math.isqrt(pos_embed.shape[1])
+    if side * side != pos_embed.shape[1]:
+        raise ValueError(f"pos_embed of the checkpoint has {pos_embed.shape[1]} tokens, not a square grid")
+    return resample_abs_pos_embed(pos_embed, model.patch_embed.grid_size, (side, side), num_prefix_tokens=0)
+
+
 def checkpoint_filter_fn(state_dict: dict, model: VisionRetentionNet) -> dict:
     """Adapt a ViR checkpoint to ``model``: unwrap 'model'/'state_dict', resize the position embedding."""
-    for key in ("model", "state_dict", "module"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-    out = {}
-    for name, value in state_dict.items():
-        if name == "pos_embed" and value.shape != model.pos_embed.shape:
-            old = math.isqrt(value.shape[1])
-            old_size = (old, old) if old * old == value.shape[1] else None
-            if old_size is None:
-                raise ValueError(
-                    f"pos_embed of the checkpoint has {value.shape[1]} tokens, not a square grid"
-                )
-            value = resample_abs_pos_embed(value, model.patch_embed.grid_size, old_size, num_prefix_tokens=0)
-        out[name] = value
-    return out
+    state = unwrap_state_dict(state_dict)
+    if "pos_embed" in state:
+        state["pos_embed"] = _resample_patch_positions(state["pos_embed"], model)
+    return state
+
+
+def init_from_vit(
+    model: VisionRetentionNet,
+    vit: nn.Module | Mapping[str, torch.Tensor] | str,
+    layer_scale: float | None = 1.0,
+) -> VisionRetentionNet:
+    """Initialise a ViR from a timm ViT of the same width, depth and heads, for fine-tuning.
+
+    No ViR weights are published. A ViR block is timm's ViT block with attention replaced by
+    retention over the same fused ``qkv`` and ``proj`` Linears, so a ViT's weights fill every ViR
+    tensor (the names are the same). This is a starting point for fine-tuning, not a pretrained ViR:
+    the retention mixes tokens differently from the softmax attention those weights were trained
+    for, so the model must be fine-tuned before its predictions mean anything.
+
+    Args:
+        model: the ViR to fill (e.g. ``timm.create_model("vir_small_patch16_224")``); changed in place.
+        vit: a ViT module, its state dict, or a timm name with a pretrained tag
+            (``"vit_small_patch16_224.augreg_in21k_ft_in1k"``, downloaded by timm).
+        layer_scale: the value of the ViR's LayerScale vectors (a ViT has none, which is a scale of
+            1: the default keeps the ViT's residual branches at their trained strength); None keeps
+            the ViR's own initialisation (1e-5, near-identity blocks).
+
+    The ViT's class token absorbs its position (row 0 of ``pos_embed``: the ViR's class token has no
+    position); its patch positions are resampled when the ViR's grid differs; the head is copied when
+    the class counts agree and kept otherwise. Any other difference is a ValueError naming the first
+    key that does not fit. Returns ``model``.
+    """
+    if isinstance(vit, str):
+        import timm
+
+        vit = timm.create_model(vit, pretrained=True)
+    if isinstance(vit, nn.Module):
+        vit = vit.state_dict()
+    if not isinstance(vit, Mapping):
+        raise TypeError(f"vit must be a ViT module, its state dict or a timm name, got {type(vit).__name__}")
+    state = dict(vit)
+    if "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError(
+            "vit must be a ViT with a class token and a position embedding (cls_token, pos_embed)"
+        )
+    if model.cls_token is None:
+        raise ValueError("model must have a class token (class_token=True) to take a ViT's")
+    pos_embed = state["pos_embed"]
+    if pos_embed.shape[1] == model.pos_embed.shape[1]:
+        raise ValueError(
+            "vit's pos_embed must hold the class token's row first (timm's ViT layout), got as many "
+            f"rows ({pos_embed.shape[1]}) as the ViR has patches"
+        )
+    state["cls_token"] = state["cls_token"] + pos_embed[:, :1]
+    state["pos_embed"] = _resample_patch_positions(pos_embed[:, 1:], model)
+    expected = model.state_dict()
+    for name, value in expected.items():
+        if name.endswith(("ls1.gamma", "ls2.gamma")) and name not in state:
+            state[name] = value if layer_scale is None else torch.full_like(value, layer_scale)
+    if state.get("head.weight") is not None and state["head.weight"].shape != expected["head.weight"].shape:
+        state["head.weight"], state["head.bias"] = expected["head.weight"], expected["head.bias"]
+    problem = first_mismatch(state, expected)
+    if problem:
+        raise ValueError(f"vit does not fit {type(model).__name__} (embed_dim {model.embed_dim}): {problem}")
+    model.load_state_dict(state)
+    return model
 
 
 def _create_vir(variant: str, pretrained: bool = False, **kwargs) -> VisionRetentionNet:
@@ -358,19 +432,20 @@ def _create_vir(variant: str, pretrained: bool = False, **kwargs) -> VisionReten
     )
 
 
-# No public ImageNet weights exist for ViR; load your own with
+# No ViR weights are published (the authors released none); load your own with
 # timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file="model.safetensors")) or a
-# Hub id with pretrained_cfg_overlay=dict(hf_hub_id="user/repo").
+# Hub id with pretrained_cfg_overlay=dict(hf_hub_id="user/repo"), or start fine-tuning from a timm ViT
+# of the same size with init_from_vit.
 default_cfgs = generate_default_cfgs(
     {
-        "vir_tiny_patch16_224": default_cfg(),
-        "vir_small_patch16_224": default_cfg(),
-        "vir_base_patch16_224": default_cfg(),
-        "vir_large_patch16_224": default_cfg(),
-        "vir_large_patch14_224": default_cfg(),
-        "vir_tiny_patch16_224_bidir": default_cfg(),
-        "vir_small_patch16_224_bidir": default_cfg(),
-        "vir_base_patch16_224_bidir": default_cfg(),
+        "vir_tiny_patch16_224": fixed_size_cfg(),
+        "vir_small_patch16_224": fixed_size_cfg(),
+        "vir_base_patch16_224": fixed_size_cfg(),
+        "vir_large_patch16_224": fixed_size_cfg(),
+        "vir_large_patch14_224": fixed_size_cfg(),
+        "vir_tiny_patch16_224_bidir": fixed_size_cfg(),
+        "vir_small_patch16_224_bidir": fixed_size_cfg(),
+        "vir_base_patch16_224_bidir": fixed_size_cfg(),
     }
 )
 

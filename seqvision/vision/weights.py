@@ -15,6 +15,8 @@ This module holds what the families share:
   and how to size the model from the file) serves which model names; ``seqvision convert`` writes
   the result as a safetensors file in seqvision's layout.
 * :func:`first_mismatch` - the first key where a converted state dict does not fit a model.
+* :func:`load_pretrained_file` - what a model's ``load_pretrained`` (timm's ``custom_load`` hook)
+  does: read, convert with the family's filter, then adapt and load as timm's own loader would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.models import adapt_input_conv
 
 from .layers.state import state_mismatch
 
@@ -40,6 +43,7 @@ __all__ = [
     "convert_checkpoint",
     "converter_for",
     "first_mismatch",
+    "load_pretrained_file",
     "read_checkpoint",
     "register_converter",
     "registered_converters",
@@ -167,6 +171,54 @@ def first_mismatch(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor
         got = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
         why = f"file {got} vs model {tuple(expected[key].shape)}"
     return f"first key that does not fit: {key!r} ({why}); {state_mismatch(state, expected)}"
+
+
+def _cfg_names(value: object) -> tuple[str, ...]:
+    """A cfg's ``first_conv`` / ``classifier``: one module name, several, or none."""
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+
+
+def load_pretrained_file(
+    model: nn.Module,
+    path: str | os.PathLike,
+    filter_fn: Callable[[dict, nn.Module], dict],
+    read: Callable[[Path], dict] = read_checkpoint,
+) -> None:
+    """Read ``path`` with ``read``, convert it with ``filter_fn(raw, model)`` and load it into
+    ``model``, doing what timm's loader does after its filter.
+
+    timm hands a file to the model's ``load_pretrained`` instead of its own reader when the cfg says
+    ``custom_load`` (the authors' files hold objects timm's weights-only reader refuses, or are not
+    PyTorch files); this is the body every family's ``load_pretrained`` shares. As in timm: where
+    the file's classifier (the cfg's ``classifier``) has another size (other ``num_classes``) or the
+    model has none, the model keeps its own; a first conv (the cfg's ``first_conv``) for other input
+    channels is adapted (``adapt_input_conv``). Every other key must fit exactly: a ValueError names
+    the file and the first key that does not.
+    """
+    state = filter_fn(read(Path(path)), model)
+    expected = model.state_dict()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    for conv in _cfg_names(cfg.get("first_conv")):
+        key = f"{conv}.weight"
+        if key in state and key in expected and state[key].dim() == 4:
+            got, want = state[key], expected[key]
+            if got.shape[1] != want.shape[1] and got.shape[0] == want.shape[0]:
+                state[key] = adapt_input_conv(want.shape[1], got)
+    kept: set[str] = set()  # the model's own classifier, where the file's does not fit it
+    for head in _cfg_names(cfg.get("classifier")):
+        in_file = {k for k in state if k.startswith(head + ".")}
+        in_model = {k for k in expected if k.startswith(head + ".")}
+        other_size = any(state[k].shape != expected[k].shape for k in in_file & in_model)
+        if in_file and (not in_model or other_size):  # num_classes=0, or another num_classes
+            for key in in_file:
+                del state[key]
+            kept |= in_model
+    problem = first_mismatch(state, {k: v for k, v in expected.items() if k not in kept})
+    if problem:
+        raise ValueError(f"{str(path)!r} does not fit {type(model).__name__}: {problem}")
+    model.load_state_dict(state, strict=not kept)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """TokenUnify's EM encoder and affinity segmenter: sizes against the paper, the stated feature shapes,
-the scan forms agree, the residual choice, encoder weights for the segmenter, the timm contract,
-mixed precision, bad input."""
+the scan forms agree, the inter-slice route (real slices or the authors' fixed chunks, against a loop
+reference), the residual choice, encoder weights for the segmenter, the timm contract, mixed
+precision, bad input. The authors' checkpoints: test_em_weights.py."""
 
 import itertools
 import math
@@ -11,6 +12,7 @@ import torch
 from timm.models import group_parameters
 
 import seqvision  # noqa: F401  (registers the models)
+from seqvision.kernels import scan_orders
 from seqvision.kernels.check import relative_error
 from seqvision.vision import create_em_segmenter, load_encoder_weights
 from seqvision.vision.em import EM_ENCODERS, EMMambaEncoder, EMSegMamba
@@ -74,6 +76,8 @@ def expected_decoder(dims, hidden, k=25, out_chans=3):
         ("emmamba_small", (64, 128, 256, 512), 112.5),
         ("emmamba_mid", (96, 192, 384, 768), 206.6),
         ("emmamba_large", (144, 288, 576, 1104), 506.6),
+        # not in the paper's table: the count beside segmamba_huge_model in their src/models_mamba.py
+        ("emmamba_huge", (192, 384, 768, 1536), 1008.91),
     ],
 )
 def test_parameter_counts_match_tokenunify(name, dims, paper_millions):
@@ -144,6 +148,83 @@ def test_inter_slice_route_follows_the_real_slice_count():
         assert torch.equal(mixer._merge(routes, grid), 3 * cells)  # every route put back in place
 
 
+def authors_interleave(length, chunks):
+    """The authors' inter-slice order, written as a loop: xz.chunk(n, -1), stacked on a new last
+    axis and flattened, so position p * n + c holds token c * (L / n) + p."""
+    size = length // chunks
+    return [c * size + p for p in range(size) for c in range(chunks)]
+
+
+def single_route(tri, route):
+    """A one-route mixer holding route ``route``'s parameters of a 'tri' mixer (and its projections)."""
+    single = MambaMixer(tri.dim, tri.d_state, tri.conv.kernel_size[0], tri.inner / tri.dim).double()
+    E = tri.inner
+    with torch.no_grad():
+        single.in_proj.weight.copy_(tri.in_proj.weight)
+        single.out_proj.weight.copy_(tri.out_proj.weight)
+        single.conv.weight.copy_(tri.conv.weight[route * E : (route + 1) * E])
+        single.conv.bias.copy_(tri.conv.bias[route * E : (route + 1) * E])
+        for name in ("x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D"):
+            getattr(single, name).copy_(getattr(tri, name)[route : route + 1])
+    return single
+
+
+@pytest.mark.parametrize(
+    ("grid", "chunks"), [((2, 3, 5), 5), ((4, 2, 5), 5), ((3, 2, 4), 4), ((2, 3, 4), None)]
+)
+def test_inter_slice_chunks_match_a_loop_reference(grid, chunks):
+    # The tri mixer is the sum over its routes of a one-route Mamba run on the tokens in that route's
+    # order and put back; the orders are written out as loops (chunks=None: Z chunks, the slices).
+    torch.manual_seed(0)
+    tri = MambaMixer(6, d_state=4, d_conv=3, scan_directions="tri", inter_slice_chunks=chunks).double()
+    with torch.no_grad():
+        for p in tri.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # no two routes alike
+    length = math.prod(grid)
+    orders = [
+        list(range(length)),
+        list(range(length - 1, -1, -1)),
+        authors_interleave(length, grid[0] if chunks is None else chunks),
+    ]
+    x = torch.randn(2, length, 6, dtype=torch.float64)
+    expected = torch.zeros_like(x)
+    for route, order in enumerate(orders):
+        order = torch.tensor(order)
+        expected[:, order] += single_route(tri, route)(x[:, order])
+    tri.set_form("recurrent")
+    assert relative_error(tri(x, grid), expected) < 1e-12
+
+
+def test_inter_slice_chunks_equal_to_z_is_the_default_route():
+    torch.manual_seed(0)
+    default = MambaMixer(4, scan_directions="tri")
+    chunked = MambaMixer(4, scan_directions="tri", inter_slice_chunks=3)
+    chunked.load_state_dict(default.state_dict())
+    x, grid = torch.randn(2, 24, 4), (3, 2, 4)
+    assert torch.equal(chunked(x, grid), default(x, grid))
+    # and the default is the route it always was: slices of one (y, x) column in turn
+    cells = torch.randn(1, 4, 24)
+    before = scan_orders.flatten(cells.reshape(1, 4, *grid).transpose(-1, -2), "transposed")
+    assert torch.equal(default._route(cells, grid)[:, 2], before)
+
+
+def test_inter_slice_chunks_errors_and_defaults():
+    with pytest.raises(ValueError, match=r"inter_slice_chunks=5 must divide the sequence length L = 24"):
+        MambaMixer(4, scan_directions="tri", inter_slice_chunks=5)(torch.randn(1, 24, 4), (2, 3, 4))
+    with pytest.raises(ValueError, match="inter_slice_chunks needs scan_directions='tri'"):
+        MambaMixer(4, scan_directions="bidirectional", inter_slice_chunks=5)
+    with pytest.raises(ValueError, match="inter_slice_chunks"):
+        MambaMixer(4, scan_directions="tri", inter_slice_chunks=0)
+    encoder = tiny_encoder(inter_slice_chunks=5, mamba_residual=False)
+    assert {m.inter_slice_chunks for m in encoder.modules() if isinstance(m, MambaMixer)} == {5}
+    with pytest.raises(ValueError, match="must divide the sequence length L = 1024"):
+        encoder(torch.rand(*VOLUME))  # stage 0 holds 8 x 8 x 16 tokens
+    default = tiny_encoder()
+    assert default.inter_slice_chunks is None and default.mamba_residual
+    assert {m.inter_slice_chunks for m in default.modules() if isinstance(m, MambaMixer)} == {None}
+    assert all(block.residual for stage in default.stages for block in stage.blocks)
+
+
 def test_mamba_residual_choice():
     x = torch.randn(2, 24, 8)
     for residual in (True, False):
@@ -196,7 +277,7 @@ def test_encoder_weights_are_checked_strictly():
     with pytest.raises(FileNotFoundError, match="pretrained_encoder must be an existing file"):
         load_encoder_weights(encoder, "/nonexistent/encoder.safetensors")
     with pytest.raises(ValueError, match="encoder_name must be one of"):
-        create_em_segmenter("emmamba_huge")
+        create_em_segmenter("emmamba_tiny")
 
 
 def test_encoder_timm_contract():

@@ -39,8 +39,12 @@ def clip(B=2, T=4, C=3, size=32, seed=1, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------
 
 
+# The authors' Caffe architecture (test_lrcn_caffe.py): the LRCN and its single-frame baseline.
+CAFFE_VARIANTS = {"lrcn_caffenet", "lrcn_caffenet_singleframe"}
+
+
 def test_every_variant_is_registered():
-    assert set(timm.list_models("lrcn_*")) == set(VARIANTS)
+    assert set(timm.list_models("lrcn_*")) == set(VARIANTS) | CAFFE_VARIANTS
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

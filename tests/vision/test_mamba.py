@@ -15,7 +15,14 @@ import seqvision.vision.mamba as mamba_module
 from seqvision.kernels.check import relative_error
 from seqvision.vision.mamba import MambaMixer, VisionMamba
 
-VIM = ["vim_tiny_patch16_224", "vim_small_patch16_224"]
+VIM = [
+    "vim_tiny_patch16_224",
+    "vim_small_patch16_224",
+    "vim_base_patch16_224",
+    "vim_tiny_patch16_stride8_224",
+    "vim_small_patch16_stride8_224",
+    "vim_base_patch16_stride8_224",
+]
 
 
 def small_vim(name="vim_tiny_patch16_224", **kwargs):
@@ -87,7 +94,8 @@ def mixer_loop(mixer, x, grid):
     back and summed (gating before the merge, as mamba-ssm does per direction)."""
     batch, L, _ = x.shape
     E = mixer.inner
-    u, z = (x @ mixer.in_proj.weight.t()).transpose(1, 2).split(E, dim=1)
+    proj = (x @ mixer.in_proj.weight.t()).transpose(1, 2)
+    u, z = proj.split(E, dim=1) if mixer.gate else (proj, None)  # gate=False: VMamba v2's SS2D
     if mixer.grid_conv:
         conv = F.conv2d if len(grid) == 2 else F.conv3d
         weight, bias = mixer.conv.weight, mixer.conv.bias
@@ -101,13 +109,13 @@ def mixer_loop(mixer, x, grid):
             w = mixer.conv.weight[k * E : (k + 1) * E, 0]
             seq = F.silu(causal_conv_loop(seq, w, mixer.conv.bias[k * E : (k + 1) * E]))
         out = scan_loop(mixer, k, seq)
-        if not gate_late:
+        if not gate_late and z is not None:
             out = out * F.silu(z[:, :, order])
         y[:, :, order] += out
     if mixer.average_routes:
         y = y / mixer.num_routes
     y = mixer.out_norm(y.transpose(1, 2))
-    if gate_late:
+    if gate_late and z is not None:
         y = y * F.silu(z.transpose(1, 2))
     return mixer.out_proj(y)
 
@@ -118,6 +126,10 @@ MIXER_CASES = {
     "v1-cross": (dict(version=1, scan_directions="cross"), (3, 4)),
     "v1-cross-vmamba": (
         dict(version=1, scan_directions="cross", grid_conv=True, out_norm=True, d_conv=3),
+        (3, 4),
+    ),
+    "v1-cross-vmamba-v2": (  # VMamba v2/v3's SS2D: no z gate
+        dict(version=1, scan_directions="cross", grid_conv=True, out_norm=True, d_conv=3, gate=False),
         (3, 4),
     ),
     "v1-tri": (dict(version=1, scan_directions="tri"), (3, 2, 4)),
@@ -275,18 +287,26 @@ def expected_vim(dim, depth=24, patches=196, classes=1000):
     return embed + depth * (mixer_params(dim, K=2) + dim) + dim + dim * classes + classes
 
 
+STRIDE8_PATCHES = ((224 - 16) // 8 + 1) ** 2  # 27 x 27 overlapping patches
+
+
 @pytest.mark.parametrize(
     ("name", "expected", "paper_range"),
     [
         ("vim_tiny_patch16_224", expected_vim(192), (6.5, 7.5)),  # Vim-Ti "7M" (Zhu et al., Table 1)
         ("vim_small_patch16_224", expected_vim(384), (25.5, 26.5)),  # Vim-S "26M"
+        ("vim_base_patch16_224", expected_vim(768), (97.5, 98.5)),  # Vim-B "98M" (hustvl/Vim README)
+        ("vim_tiny_patch16_stride8_224", expected_vim(192, patches=STRIDE8_PATCHES), (6.5, 7.5)),  # Ti+ "7M"
+        ("vim_small_patch16_stride8_224", expected_vim(384, patches=STRIDE8_PATCHES), (25.5, 26.5)),  # S+
+        ("vim_base_patch16_stride8_224", expected_vim(768, patches=STRIDE8_PATCHES), None),  # unpublished
     ],
 )
 def test_parameter_counts(name, expected, paper_range):
     ours = count(on_meta(name))
     print(f"{name}: {ours / 1e6:.2f} M parameters (paper range {paper_range} M)")
     assert ours == expected
-    assert paper_range[0] * 1e6 <= ours < paper_range[1] * 1e6
+    if paper_range is not None:
+        assert paper_range[0] * 1e6 <= ours < paper_range[1] * 1e6
 
 
 def test_every_variant_is_registered():
@@ -355,6 +375,38 @@ def test_vim_forward_intermediates_and_features_only():
     )
     assert features.feature_info.reduction() == [16, 16]
     assert [tuple(f.shape) for f in features(x)] == [(2, 192, 4, 4)] * 2
+
+
+def test_vim_stride8_overlapping_patches_contract():
+    # 16-pixel patches every 8 pixels: (48 - 16) / 8 + 1 = 5 tokens per side, features at reduction 8.
+    model = small_vim("vim_tiny_patch16_stride8_224", img_size=48)
+    assert model.patch_embed.grid_size == (5, 5) and model.pos_embed.shape == (1, 25, 192)
+    x = torch.randn(2, 3, 48, 48)
+    final, intermediates = model.forward_intermediates(x, indices=[1])
+    assert torch.allclose(final, model.forward_features(x), atol=1e-6)
+    assert [tuple(t.shape) for t in intermediates] == [(2, 192, 5, 5)]
+    features = timm.create_model(
+        "vim_tiny_patch16_stride8_224", features_only=True, out_indices=(0, 1), img_size=48, depth=2
+    )
+    assert features.feature_info.reduction() == [8, 8]
+    assert [tuple(f.shape) for f in features(x)] == [(2, 192, 5, 5)] * 2
+    with pytest.raises(ValueError, match=r"x must be \(48, 48\) for this model"):
+        model(torch.randn(1, 3, 56, 56))
+    # dynamic_img_size: any size of at least one patch, padded to the next that fits (40: 4 tokens,
+    # 45 -> 48: 5 tokens), positions resampled to the grid.
+    dynamic = small_vim("vim_tiny_patch16_stride8_224", img_size=48, dynamic_img_size=True)
+    dynamic.load_state_dict(model.state_dict())
+    assert torch.allclose(dynamic(x), model(x), atol=1e-6)
+    _, (grid,) = dynamic.forward_intermediates(torch.randn(1, 3, 40, 45), indices=[1])
+    assert grid.shape == (1, 192, 4, 5)
+    exact = small_vim(
+        "vim_tiny_patch16_stride8_224", img_size=48, dynamic_img_size=True, dynamic_img_pad=False
+    )
+    assert exact.forward_features(torch.randn(1, 3, 40, 56)).shape == (1, 4 * 6 + 1, 192)
+    with pytest.raises(ValueError, match=r"x must have sizes divisible by the patch size \(8, 8\)"):
+        exact(torch.randn(1, 3, 44, 56))
+    with pytest.raises(ValueError, match="stride must divide patch_size=16, got stride=6"):
+        VisionMamba(stride=6, depth=1)
 
 
 def test_vim_classifier_pooling_and_contract():

@@ -7,7 +7,7 @@ from timm.models import create_feature_extractor, group_parameters
 
 import seqvision  # noqa: F401  (registers the models)
 from seqvision.kernels.check import relative_error
-from seqvision.vision.vir import VisionRetentionNet, retention_log_decay
+from seqvision.vision.vir import VisionRetentionNet, init_from_vit, retention_log_decay
 
 VARIANTS = {
     "vir_tiny_patch16_224": (192, 12, 3, 16),
@@ -267,3 +267,52 @@ def test_class_token_reaches_the_head_at_init():
         features = model.forward_head(model.forward_features(torch.randn(4, 3, 32, 32)), pre_logits=True)
     assert features.shape == (4, 192)
     assert features.std(dim=-1).min() > 0.5  # LayerNorm's output scale (1), not ~sqrt(var / eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# initialisation from timm's ViT
+# ------------------------------------------------------------------------------------------------
+
+
+def test_init_from_vit_fills_every_tensor_from_the_vit_of_the_same_size():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64).eval()
+    vir = timm.create_model("vir_tiny_patch16_224", depth=2, img_size=64).eval()
+    assert init_from_vit(vir, vit) is vir
+    ours, theirs = vir.state_dict(), vit.state_dict()
+    for name, value in ours.items():
+        if name.endswith(("ls1.gamma", "ls2.gamma")):
+            assert torch.equal(value, torch.ones_like(value))  # a ViT's residual branches are unscaled
+        elif name == "cls_token":
+            assert torch.equal(value, theirs["cls_token"] + theirs["pos_embed"][:, :1])
+        elif name == "pos_embed":
+            assert torch.equal(value, theirs["pos_embed"][:, 1:])
+        else:
+            assert torch.equal(value, theirs[name]), name
+    # The embedded tokens are the ViT's, the class token (with its position) last.
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens, grid = vir._embed(x)
+        vit_tokens = vit._pos_embed(vit.patch_embed(x))
+    assert grid == (4, 4)
+    assert torch.allclose(tokens[:, :-1], vit_tokens[:, 1:], atol=1e-6)
+    assert torch.allclose(tokens[:, -1], vit_tokens[:, 0], atol=1e-6)
+    assert torch.isfinite(vir(x)).all()
+
+
+def test_init_from_vit_resamples_positions_keeps_other_heads_and_names_misfits():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64)
+    vir = timm.create_model("vir_tiny_patch16_224", depth=2, img_size=96, num_classes=10)
+    head = vir.head.weight.clone()
+    init_from_vit(vir, vit.state_dict(), layer_scale=None)
+    assert vir.pos_embed.shape == (1, 36, 192)
+    assert torch.equal(vir.head.weight, head)  # 1000 ViT classes vs 10: the ViR keeps its own head
+    assert torch.allclose(vir.blocks[0].ls1.gamma, torch.full((192,), 1e-5))
+    with pytest.raises(ValueError, match=r"first key that does not fit: 'blocks\.0\.attn\.proj\.bias'"):
+        init_from_vit(
+            timm.create_model("vir_tiny_patch16_224", depth=2, img_size=64),
+            timm.create_model("vit_small_patch16_224", depth=2, img_size=64),
+        )
+    with pytest.raises(TypeError, match="vit must be a ViT module"):
+        init_from_vit(vir, 3)
