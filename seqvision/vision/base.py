@@ -44,8 +44,9 @@ def init_linear(module: nn.Module) -> None:
 
 
 def default_cfg(**kwargs) -> dict:
-    """timm's pretrained cfg for a 224-pixel ImageNet backbone. No weights are hosted for these
-    models: load your own with ``pretrained_cfg_overlay=dict(file=...)`` or ``dict(hf_hub_id=...)``."""
+    """timm's pretrained cfg for a 224-pixel ImageNet backbone. Without a weight source (the variants
+    with no published weights): load your own with ``pretrained_cfg_overlay=dict(file=...)`` or
+    ``dict(hf_hub_id=...)``; a pretrained tag adds its source to these fields."""
     return {
         "num_classes": 1000,
         "input_size": (3, 224, 224),
