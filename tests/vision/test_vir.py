@@ -133,14 +133,6 @@ def test_loading_resizes_the_position_embedding_and_adapts_in_chans(tmp_path):
     assert bigger(torch.randn(1, 1, 96, 96)).shape == (1, 10)
 
 
-def test_features_only_returns_the_advertised_channels_and_reductions():
-    model = timm.create_model("vir_tiny_patch16_224", features_only=True, out_indices=(2, 5, 11), img_size=64)
-    assert model.feature_info.channels() == [192, 192, 192]
-    assert model.feature_info.reduction() == [16, 16, 16]
-    features = model(torch.randn(2, 3, 64, 64))
-    assert [tuple(f.shape) for f in features] == [(2, 192, 4, 4)] * 3
-
-
 def test_forward_intermediates_and_pruning():
     model = small()
     x = torch.randn(2, 3, 64, 64)
@@ -155,17 +147,6 @@ def test_forward_intermediates_and_pruning():
     kept = model.prune_intermediate_layers([1, 3])
     assert kept == [1, 3] and len(model.blocks) == 4
     assert isinstance(model.head, torch.nn.Identity)
-
-
-def test_classifier_and_pooling():
-    model = small()
-    x = torch.randn(2, 3, 64, 64)
-    assert model.get_classifier().out_features == 1000
-    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 192)
-    model.reset_classifier(7, "avg")
-    assert model(x).shape == (2, 7) and model.global_pool == "avg"
-    model.reset_classifier(0, "")
-    assert model(x).shape == (2, 17, 192)
 
 
 def test_grad_checkpointing_gives_the_same_output_and_gradients():
