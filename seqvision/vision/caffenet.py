@@ -55,7 +55,12 @@ from seqvision.kernels._common import check_positive_int
 
 from .base import build_backbone
 from .caffe import CaffeModel, read_weights
-from .weights import load_pretrained_file, register_converter, unwrap_state_dict
+from .weights import (
+    load_pretrained_file,
+    read_local_files_with_load_pretrained,
+    register_converter,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "UCF101_CLASSES",
@@ -583,8 +588,7 @@ default_cfgs = generate_default_cfgs(
                 mean=(123.68 / 255, 116.779 / 255, 103.939 / 255),
                 description=(
                     "The LRCN authors' CaffeNet / ZF hybrid for ImageNet (fc6, fc7, fc8); no weights are "
-                    "hosted here: a caffemodel loads with pretrained_cfg_overlay=dict(file=..., "
-                    "custom_load=True)"
+                    "hosted here: a caffemodel loads with pretrained_cfg_overlay=dict(file=...)"
                 ),
             )
         ),
@@ -611,6 +615,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_caffenet(variant: str, pretrained: bool = False, **kwargs) -> CaffeNet:
+    kwargs = read_local_files_with_load_pretrained(kwargs)
     return build_backbone(CaffeNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 

@@ -47,14 +47,14 @@ Caffe install) and converts it (:func:`checkpoint_filter_fn`): conv1..conv5 and 
 encoder (conv1's input channels reversed, BGR -> RGB), the LSTM ``lstm1`` with Caffe's gate order
 [i, f, o, g] reordered to PyTorch's [i, f, g, o] (``W_xc`` -> ``weight_ih``, ``W_hc`` ->
 ``weight_hh``, ``b_c`` -> ``bias_ih``, ``bias_hh`` = 0), ``fc8-final`` into the head. A local
-caffemodel: ``pretrained_cfg_overlay=dict(file=path, custom_load=True)`` (timm drops custom_load
-when the overlay names a file), or ``seqvision.vision.weights.convert_checkpoint(path,
-"lrcn_caffenet")``. Caffe's LSTM starts every clip from a zero state (the clip marker ``cont`` is 0
-at the first frame), as ``nn.LSTM`` does. The other LRCN variants have no published weights:
-``pretrained=True`` on them is an error unless a source is given (``pretrained_cfg_overlay=
-dict(file=...)`` for your own LRCN checkpoint). ``pretrained_encoder=True`` loads timm's ImageNet
-weights for the encoder; a path loads a local ``.safetensors`` / ``torch.save`` file of the
-encoder's own state dict (see ``load_encoder_file``).
+caffemodel: ``pretrained_cfg_overlay=dict(file=path)`` (the file goes to ``LRCN.load_pretrained``,
+see ``weights.read_local_files_with_load_pretrained``), or
+``seqvision.vision.weights.convert_checkpoint(path, "lrcn_caffenet")``. Caffe's LSTM starts every
+clip from a zero state (the clip marker ``cont`` is 0 at the first frame), as ``nn.LSTM`` does.
+The other LRCN variants have no published weights: ``pretrained=True`` on them is an error unless
+a source is given (``pretrained_cfg_overlay=dict(file=...)`` for your own LRCN checkpoint).
+``pretrained_encoder=True`` loads timm's ImageNet weights for the encoder; a path loads a local
+``.safetensors`` / ``torch.save`` file of the encoder's own state dict (see ``load_encoder_file``).
 ``features_only`` is not supported: there is no feature pyramid over time (the encoder's own
 ``features_only`` gives one per frame).
 """
@@ -91,7 +91,12 @@ from .caffenet import (
 )
 from .caffenet import checkpoint_filter_fn as caffenet_filter_fn
 from .layers.frame_encoder import FrameEncoderMixin, load_encoder_file
-from .weights import load_pretrained_file, register_converter, unwrap_state_dict
+from .weights import (
+    load_pretrained_file,
+    read_local_files_with_load_pretrained,
+    register_converter,
+    unwrap_state_dict,
+)
 
 __all__ = ["LRCN", "TEMPORAL_POOLS", "ClipPretrainedCfg", "checkpoint_filter_fn", "load_encoder_file"]
 
@@ -420,6 +425,7 @@ def _create_lrcn(variant: str, pretrained: bool = False, **kwargs) -> LRCN:
                 "ImageNet weights into the encoder, and pretrained_cfg_overlay=dict(file=...) loads "
                 "your own LRCN checkpoint"
             )
+    kwargs = read_local_files_with_load_pretrained(kwargs)
     model = build_model_with_cfg(
         LRCN, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )

@@ -102,7 +102,12 @@ from seqvision.kernels._common import check_positive_int
 
 from .base import PatchTokenBackbone, ScanMixer, build_backbone, fixed_size_cfg, init_linear
 from .layers import StridedPatchEmbed
-from .weights import load_pretrained_file, register_converter, unwrap_state_dict
+from .weights import (
+    load_pretrained_file,
+    read_local_files_with_load_pretrained,
+    register_converter,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "SCAN_DIRECTIONS",
@@ -687,12 +692,13 @@ class VisionMamba(PatchTokenBackbone):
         ``checkpoint_filter_fn`` and load it, adapting what timm's own loader adapts.
 
         timm calls it for the Vim tags' hub files, and for a local file given as
-        ``pretrained_cfg_overlay=dict(file=..., custom_load=True)`` (a new source alone resets
-        ``custom_load``). The authors' files are training checkpoints whose ``"model"`` entry is the
-        network their README's accuracy was measured on; timm's own reader would take the
-        ``"model_ema"`` copy where a file has one. As in timm, the classifier keeps its initial
-        weights when ``num_classes`` differs from the cfg's, and the patch projection is adapted to
-        ``in_chans``. Anything else that does not fit raises a ValueError naming the first such key.
+        ``pretrained_cfg_overlay=dict(file=...)`` (``weights.read_local_files_with_load_pretrained``;
+        ``custom_load=False`` there keeps timm's own reader). The authors' files are training
+        checkpoints whose ``"model"`` entry is the network their README's accuracy was measured
+        on; timm's own reader would take the ``"model_ema"`` copy where a file has one. As in
+        timm, the classifier keeps its initial weights when ``num_classes`` differs from the cfg's,
+        and the patch projection is adapted to ``in_chans``. Anything else that does not fit raises
+        a ValueError naming the first such key.
         """
         load_pretrained_file(self, checkpoint_path, checkpoint_filter_fn)
 
@@ -815,6 +821,7 @@ register_converter("vim_*", checkpoint_filter_fn)
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> VisionMamba:
+    kwargs = read_local_files_with_load_pretrained(kwargs)
     return build_backbone(
         VisionMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )

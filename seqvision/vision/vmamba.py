@@ -55,7 +55,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .base import check_image, init_linear
 from .mamba import MambaBlock, MambaStagesMixin
-from .weights import load_pretrained_file, register_converter, unwrap_state_dict
+from .weights import (
+    load_pretrained_file,
+    read_local_files_with_load_pretrained,
+    register_converter,
+    unwrap_state_dict,
+)
 
 __all__ = ["ConvDownsample", "ConvStem", "PatchMerging2d", "VMamba", "VMambaStage", "checkpoint_filter_fn"]
 
@@ -517,6 +522,7 @@ def checkpoint_filter_fn(state_dict: dict, model: VMamba, use_ema: bool = False)
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
+    kwargs = read_local_files_with_load_pretrained(kwargs)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
         VMamba,

@@ -45,6 +45,7 @@ __all__ = [
     "first_mismatch",
     "load_pretrained_file",
     "read_checkpoint",
+    "read_local_files_with_load_pretrained",
     "register_converter",
     "registered_converters",
     "unwrap_state_dict",
@@ -219,6 +220,23 @@ def load_pretrained_file(
     if problem:
         raise ValueError(f"{str(path)!r} does not fit {type(model).__name__}: {problem}")
     model.load_state_dict(state, strict=not kept)
+
+
+def read_local_files_with_load_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments in which a local file given through
+    ``pretrained_cfg_overlay=dict(file=...)`` goes to the model's ``load_pretrained``.
+
+    timm resets ``custom_load`` whenever an overlay names a new weight source and then reads the file
+    itself: with a weights-only ``torch.load`` that refuses the authors' VMamba files (a yacs
+    config), cannot read a ``.caffemodel``, and takes a training checkpoint's ``model_ema`` copy over
+    the ``model`` network the authors evaluated. For a family whose ``load_pretrained`` reads any
+    file (``load_pretrained_file``), the overlay's ``custom_load`` defaults to True instead; an
+    explicit ``custom_load=False`` keeps timm's reader.
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and overlay.get("file"):
+        kwargs = {**kwargs, "pretrained_cfg_overlay": {"custom_load": True, **overlay}}
+    return kwargs
 
 
 @dataclass(frozen=True)

@@ -482,7 +482,7 @@ def test_seqvision_files_still_load_through_the_filter(tmp_path, lrcn_file):
     torch.save({"model": source.state_dict(), "epoch": 3}, wrapped)
     x = clips()
     for file in (saved, wrapped):
-        # timm's own path (the overlay's file resets custom_load), and load_pretrained
+        # timm's local-file path (LRCN.load_pretrained reads it), and load_pretrained directly
         model = timm.create_model(
             "lrcn_caffenet",
             pretrained=True,

@@ -74,8 +74,9 @@ def test_authors_checkpoint_gives_their_logits(tmp_path, fixture):
 @pytest.mark.parametrize("source", ["hub tag", "local file"])
 def test_the_model_entry_is_read_not_the_ema_copy(tmp_path, monkeypatch, source):
     # The README's accuracy is the "model" network's (main.py keeps the best checkpoint by it). The
-    # tags read it through VisionMamba.load_pretrained (custom_load); a local file does so with
-    # custom_load=True, since timm's own reader prefers "model_ema".
+    # tags read it through VisionMamba.load_pretrained (custom_load), and so does a local file given
+    # as the issue's user did, pretrained_cfg_overlay=dict(file=...): timm's own reader would
+    # prefer "model_ema".
     upstream = load_fixture("vim_patch16")
     path = save_authors_checkpoint(tmp_path / "vim.pth", upstream.state_dict, with_ema=True)
     arch = tiny_arch(upstream.config)
@@ -93,9 +94,7 @@ def test_the_model_entry_is_read_not_the_ema_copy(tmp_path, monkeypatch, source)
         )
         assert requested == [TAGS["vim_tiny_patch16_224.in1k"]]
     else:
-        model = load_through_timm(
-            "vim_tiny_patch16_224", path, upstream.config, overlay=dict(custom_load=True)
-        )
+        model = load_through_timm("vim_tiny_patch16_224", path, upstream.config)
     with torch.no_grad():
         assert_close_relative(model.eval()(upstream.inputs["x"]), upstream.outputs["logits"], rtol=1e-5)
 
@@ -152,12 +151,12 @@ def test_a_broken_authors_file_names_the_key(tmp_path, case):
     path = save_authors_checkpoint(tmp_path / "broken.pth", breaks(upstream.state_dict))
     with pytest.raises(ValueError, match=message):
         convert_checkpoint(path, "vim_tiny_patch16_224", num_classes=10, **tiny_arch(upstream.config))
-    # The tags' loader (custom_load) checks alike; timm's own strict load, behind a plain local file,
-    # names the key in its RuntimeError.
+    # A local file through timm (read by VisionMamba.load_pretrained) checks alike; timm's own strict
+    # load, asked for with custom_load=False, names the key in its RuntimeError.
     with pytest.raises(ValueError, match=message):
-        load_through_timm("vim_tiny_patch16_224", path, upstream.config, overlay=dict(custom_load=True))
-    with pytest.raises((ValueError, RuntimeError), match=re.escape(key)):
         load_through_timm("vim_tiny_patch16_224", path, upstream.config)
+    with pytest.raises((ValueError, RuntimeError), match=re.escape(key)):
+        load_through_timm("vim_tiny_patch16_224", path, upstream.config, overlay=dict(custom_load=False))
 
 
 @pytest.mark.parametrize(("fixture", "img_size", "grid"), [("vim_patch16", 96, 6), ("vim_stride8", 64, 7)])

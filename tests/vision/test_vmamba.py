@@ -160,12 +160,10 @@ def test_authors_file_loads_through_timm_and_gives_their_logits(generation, tmp_
     with pytest.raises(Exception, match="CfgNode"):  # why the cfgs need custom_load
         timm.models.load_state_dict(str(path))
     arch = fixture_arch(fixture, generation)
-    model = timm.create_model(
-        "vmamba_tiny_224",
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path), custom_load=True),
-        **arch,
-    ).eval()
+    # timm's plain local-file path: the file goes to VMamba.load_pretrained, not timm's reader.
+    overlay = dict(file=str(path), num_classes=arch["num_classes"])
+    model = timm.create_model("vmamba_tiny_224", pretrained=True, pretrained_cfg_overlay=overlay, **arch)
+    model.eval()
     x = fixture.inputs["x"]
     with torch.no_grad():
         assert_close_relative(model(x), fixture.outputs["logits"])
@@ -179,6 +177,9 @@ def test_authors_file_loads_through_timm_and_gives_their_logits(generation, tmp_
     ema_model = timm.create_model("vmamba_tiny_224", **arch)
     ema_model.load_pretrained(path, use_ema=True)
     assert torch.equal(ema_model.head.fc.bias, model.head.fc.bias + 1)
+    with pytest.raises(Exception, match="CfgNode"):  # custom_load=False asks for timm's own reader
+        overlay = dict(file=str(path), custom_load=False)
+        timm.create_model("vmamba_tiny_224", pretrained=True, pretrained_cfg_overlay=overlay, **arch)
 
 
 def test_the_first_files_key_spellings_convert_alike(tmp_path, monkeypatch):
