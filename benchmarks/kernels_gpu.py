@@ -43,7 +43,7 @@ import torch
 from _measure import markdown_table, write_csv_atomic
 
 import seqvision.kernels as K
-from seqvision.kernels._common import triton_interpreted
+from seqvision.kernels import triton_interpreted
 from seqvision.kernels.check import relative_error
 
 scan_orders = importlib.import_module("seqvision.kernels.scan_orders")

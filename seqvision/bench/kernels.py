@@ -256,7 +256,7 @@ def load_gpu_script(path: Path = GPU_SCRIPT) -> ModuleType:
 
 def gpu_unavailable(smoke: bool = False) -> str | None:
     """Why ``run_gpu`` cannot run here, or None: it needs CUDA, or Triton's interpreter with ``smoke``."""
-    from seqvision.kernels._common import triton_interpreted
+    from seqvision.kernels import triton_interpreted
 
     if torch.cuda.is_available() and not triton_interpreted():
         return None
@@ -277,7 +277,7 @@ def run_gpu(
     Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), and then only the
     ``smoke`` timing: tiny shapes whose numbers mean nothing, to prove the code runs.
     """
-    from seqvision.kernels._common import triton_interpreted
+    from seqvision.kernels import triton_interpreted
 
     reason = gpu_unavailable(smoke)
     if reason:

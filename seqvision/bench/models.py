@@ -322,7 +322,7 @@ def count_ops(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from seqvision.kernels._common import BACKEND_ENV
+    from seqvision.kernels import BACKEND_ENV
 
     was_training, previous = model.training, os.environ.get(BACKEND_ENV)
     os.environ[BACKEND_ENV] = "torch"

@@ -8,21 +8,26 @@ fast exact form used by default) and takes ``backend="auto" | "torch" | "triton"
 * :func:`linear_recurrence` - ``h_t = a_t h_{t-1} + x_t`` along one axis of an N-D tensor.
 * :mod:`scan_orders` - flatten a 2-D/3-D grid into sequences and back; ``cross_scan``/``cross_merge``.
 * :func:`compute_dtype` - the dtype the operators compute in: float64 for float64, float32 otherwise.
+* :func:`resolve_backend`, :func:`triton_interpreted`, ``BACKEND_ENV`` - which implementation
+  ``backend="auto"`` picks (``SEQVISION_BACKEND`` overrides it), for benchmarks and tests.
 """
 
 from . import scan_orders
-from ._common import compute_dtype
+from ._common import BACKEND_ENV, compute_dtype, resolve_backend, triton_interpreted
 from .linear_attention import linear_attention
 from .linear_recurrence import linear_recurrence
 from .scan_orders import cross_merge, cross_scan
 from .selective_scan import selective_scan
 
 __all__ = [
+    "BACKEND_ENV",
     "compute_dtype",
     "cross_merge",
     "cross_scan",
     "linear_attention",
     "linear_recurrence",
+    "resolve_backend",
     "scan_orders",
     "selective_scan",
+    "triton_interpreted",
 ]

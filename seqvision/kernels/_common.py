@@ -87,13 +87,6 @@ def check_form(form: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"form must be one of {tuple(allowed)}, got {form!r}")
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is a positive int (bools excluded), else raise a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def check_tensor(name: str, x: object, ndim: int | Sequence[int] | None = None) -> torch.Tensor:
     """Check that ``x`` is a floating-point tensor with one of the allowed numbers of dims."""
     if not isinstance(x, torch.Tensor):

@@ -49,11 +49,12 @@ import math
 
 import torch
 
+from seqvision.utils.checks import check_positive_int
+
 from ._common import (
     check_aux_dtype,
     check_form,
     check_nonpositive,
-    check_positive_int,
     check_same_device,
     check_same_dtype,
     check_shape,

@@ -43,10 +43,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqvision.utils.checks import check_positive_int
+
 from ._common import (
     check_aux_dtype,
     check_form,
-    check_positive_int,
     check_same_device,
     check_same_dtype,
     check_shape,

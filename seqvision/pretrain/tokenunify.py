@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 from seqvision.vision.em import EM_ENCODERS, EMMambaEncoder, UnetResBlock, UnetUpBlock
 from seqvision.vision.mamba import mamba_no_weight_decay
 

@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 __all__ = [
     "PatchTokenBackbone",

@@ -51,7 +51,7 @@ from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
 from torch.utils.checkpoint import checkpoint
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .base import build_backbone
 from .caffe import CaffeModel, read_weights

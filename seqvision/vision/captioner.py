@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .base import init_linear
 from .layers.frame_encoder import FrameEncoderMixin

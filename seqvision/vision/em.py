@@ -91,7 +91,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .base import default_cfg
 from .layers.state import state_mismatch

@@ -76,7 +76,7 @@ from timm.models import (
 )
 from timm.models._pretrained import PretrainedCfg
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .base import check_chunk_size, init_linear
 from .caffe import CaffeModel, read_weights

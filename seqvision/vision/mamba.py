@@ -98,7 +98,7 @@ from seqvision.kernels import (
     linear_attention,
     selective_scan,
 )
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .base import PatchTokenBackbone, ScanMixer, build_backbone, fixed_size_cfg, init_linear
 from .layers import StridedPatchEmbed

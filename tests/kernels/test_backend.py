@@ -4,7 +4,7 @@ asked for by name never falls back."""
 import pytest
 import torch
 
-from seqvision.kernels._common import resolve_backend
+from seqvision.kernels import resolve_backend
 
 
 def test_auto_and_torch_select_the_reference():

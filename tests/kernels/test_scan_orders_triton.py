@@ -5,8 +5,7 @@ buffers poisoned so that an element a kernel fails to write shows up as NaN."""
 import pytest
 import torch
 
-from seqvision.kernels import scan_orders
-from seqvision.kernels._common import resolve_backend, triton_interpreted
+from seqvision.kernels import resolve_backend, scan_orders, triton_interpreted
 from seqvision.kernels.scan_orders import cross_merge, cross_scan
 
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv, group_modules, group_parameters, load_state_dict
 
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .state import state_mismatch
 

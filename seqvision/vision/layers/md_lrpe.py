@@ -35,7 +35,7 @@ import torch.nn as nn
 from timm.layers import register_notrace_module
 
 from seqvision.kernels import compute_dtype
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 __all__ = ["MdLrpe", "lrpe_angles", "lrpe_frequencies"]
 

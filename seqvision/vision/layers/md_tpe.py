@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from seqvision.kernels import compute_dtype, linear_recurrence
-from seqvision.kernels._common import check_positive_int
+from seqvision.utils.checks import check_positive_int
 
 from .norm import GroupRmsNorm
 
