@@ -40,16 +40,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _measure import markdown_table, write_csv_atomic
+from _measure import markdown_table
 
 import seqvision.kernels as K
 from seqvision.kernels import triton_interpreted
 from seqvision.kernels.check import relative_error
+from seqvision.utils.io import write_csv_atomic
 
 scan_orders = importlib.import_module("seqvision.kernels.scan_orders")
 recurrence = importlib.import_module("seqvision.kernels.linear_recurrence")
-attention = importlib.import_module("seqvision.kernels.linear_attention")
-selective = importlib.import_module("seqvision.kernels.selective_scan")
+attention = importlib.import_module("seqvision.kernels.linear_attention.triton")
+selective = importlib.import_module("seqvision.kernels.selective_scan.triton")
 
 TARGETS = {
     "cross_scan": "copy bandwidth >= 70 %",

@@ -41,9 +41,9 @@ from _measure import (
     cpu_busy_fraction,
     cpu_name,
     markdown_table,
-    save_figure_atomic,
-    write_csv_atomic,
 )
+
+from seqvision.utils.io import save_figure_atomic, write_csv_atomic
 
 SETTINGS = (
     # name, processes, threads per process

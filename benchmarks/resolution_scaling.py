@@ -57,9 +57,10 @@ import sys
 from pathlib import Path
 
 import torch
-from _measure import CLEAR_REFS, cpu_busy_fraction, markdown_table, peak_memory_supported, write_csv_atomic
+from _measure import CLEAR_REFS, cpu_busy_fraction, markdown_table, peak_memory_supported
 
 from seqvision.bench.models import plot_models, resolve_specs, run_sweep
+from seqvision.utils.io import write_csv_atomic
 
 REFERENCE = "vit_small_patch16_224"
 VIR_CHUNK = "vir_small_patch16_224:chunk"

@@ -39,7 +39,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from _measure import REPO_ROOT, cpu_busy_fraction, cpu_name, markdown_table, write_csv_atomic
+from _measure import REPO_ROOT, cpu_busy_fraction, cpu_name, markdown_table
+
+from seqvision.utils.io import write_csv_atomic
 
 sys.path.insert(1, str(REPO_ROOT / "tests" / "eval"))  # the test-video writers
 

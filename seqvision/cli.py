@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from seqvision.utils.checks import is_main_process, positive_int
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -95,7 +96,7 @@ def _training_command(
     except (NonFiniteLossError, UnreadableDatasetError) as err:
         print(f"seqvision {name}: {err}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(summary(job, outcome))
     return 0
 
@@ -216,7 +217,7 @@ def _eval_video(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"seqvision eval-video: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(_format_classification(result.report.metrics(), "evaluation"))
         for path in files.values():
             print(f"wrote {path}")
@@ -251,7 +252,7 @@ def _eval_cls(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"seqvision eval-cls: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(_format_classification(report.metrics(), "evaluation"))
         for path in files.values():
             print(f"wrote {path}")
@@ -296,7 +297,7 @@ def _eval_caption(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError) as err:
         print(f"seqvision eval-caption: {err}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(result.scores.table() if result.scores else "no caption could be scored")
         print(f"{len(result.predictions)} captioned, {len(result.skipped)} unreadable")
         for path in files.values():
@@ -329,7 +330,7 @@ def _format_table(rows: list[tuple[str, ...]]) -> str:
 def _configure_logging() -> None:
     """seqvision's progress messages on the first process; other libraries' warnings only."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         logging.getLogger("seqvision").setLevel(logging.INFO)
 
 
@@ -371,8 +372,8 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _eval_seg(args: argparse.Namespace) -> int:
-    from seqvision.eval._io import write_json_atomic
     from seqvision.eval.em_segmentation import evaluate_files
+    from seqvision.utils.io import write_json_atomic
 
     try:
         scores = evaluate_files(args.pred, args.gt, ignore_label=None if args.no_ignore else 0)
@@ -409,7 +410,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     from safetensors.torch import save_file
 
-    from seqvision.eval._io import atomic_path
+    from seqvision.utils.io import atomic_path
     from seqvision.vision.weights import convert_checkpoint
 
     start = time.perf_counter()
@@ -442,20 +443,13 @@ def _csv_list(item: Callable[[str], Any], what: str) -> Callable[[str], list]:
     def parse(text: str) -> list:
         try:
             values = [item(part.strip()) for part in text.split(",") if part.strip()]
-        except ValueError:
+        except (ValueError, argparse.ArgumentTypeError):
             values = []
         if not values:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
         return values
 
     return parse
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError(text)
-    return value
 
 
 def _mode(text: str) -> str:
@@ -540,16 +534,16 @@ def _add_bench_parser(commands: Any) -> None:
         "--models", type=_csv_list(str, "model names"), default=list(DEFAULT_MODELS), metavar="M1,M2"
     )
     models.add_argument("--peer", default=DEFAULT_PEER, help="the reference model (default: %(default)s)")
-    models.add_argument("--sizes", type=_csv_list(_positive, "positive integers"), default=[224, 896])
+    models.add_argument("--sizes", type=_csv_list(positive_int, "positive integers"), default=[224, 896])
     models.add_argument(
         "--batch-sizes",
-        type=_csv_list(_positive, "positive integers"),
+        type=_csv_list(positive_int, "positive integers"),
         default=None,
         help="default: 1 on the CPU, 1,32 on CUDA",
     )
     models.add_argument("--modes", type=_csv_list(_mode, "modes (eval, train)"), default=["eval", "train"])
-    models.add_argument("--repeats", type=_positive, default=3, help="timed calls after the warm-up")
-    models.add_argument("--threads", type=_positive, default=None, help="torch threads (default: torch's)")
+    models.add_argument("--repeats", type=positive_int, default=3, help="timed calls after the warm-up")
+    models.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     models.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     models.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_models"))
     models.add_argument(
@@ -561,8 +555,10 @@ def _add_bench_parser(commands: Any) -> None:
     models.add_argument(
         "--max-call-seconds", type=float, default=None, help="default: 120 on the CPU, none on CUDA"
     )
-    models.add_argument("--chunk-size", type=_positive, default=64, help="chunk_size of MODEL:chunk")
-    models.add_argument("--chunk-tokens", type=_positive, default=256, help="chunk_tokens of MODEL:streaming")
+    models.add_argument("--chunk-size", type=positive_int, default=64, help="chunk_size of MODEL:chunk")
+    models.add_argument(
+        "--chunk-tokens", type=positive_int, default=256, help="chunk_tokens of MODEL:streaming"
+    )
     models.add_argument("--no-flops", action="store_true", help="do not count operations")
     models.add_argument(
         "--smoke", action="store_true", help="seconds: vir_tiny vs vit_tiny, 32/64 px, batch 1/2, 1 repeat"
@@ -579,13 +575,13 @@ def _add_bench_parser(commands: Any) -> None:
     kernels.add_argument("--ops", nargs="+", choices=list(FORMS), default=list(FORMS), help="CPU only")
     kernels.add_argument(
         "--lengths",
-        type=_csv_list(_positive, "positive integers"),
+        type=_csv_list(positive_int, "positive integers"),
         default=None,
         help="default: 1024,4096,16384 (CPU), 1024,4096,16384,65536 (CUDA)",
     )
-    kernels.add_argument("--repeats", type=_positive, default=3, help="CPU: timed calls after the warm-up")
-    kernels.add_argument("--threads", type=_positive, default=None, help="CPU: torch threads")
-    kernels.add_argument("--tokens", type=_positive, default=65536, help="CUDA: batch x L, held constant")
+    kernels.add_argument("--repeats", type=positive_int, default=3, help="CPU: timed calls after the warm-up")
+    kernels.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads")
+    kernels.add_argument("--tokens", type=positive_int, default=65536, help="CUDA: batch x L, held constant")
     kernels.add_argument("--no-check", action="store_true", help="CUDA: skip the correctness checks")
     kernels.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_kernels"))
     kernels.add_argument(

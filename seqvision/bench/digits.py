@@ -73,7 +73,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from seqvision.eval._io import atomic_path, write_json_atomic
+from seqvision.utils.checks import positive_int
+from seqvision.utils.io import atomic_path, write_json_atomic
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -719,7 +720,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """``write_csv_atomic`` with floats to 6 significant digits."""
-    from seqvision.bench.measure import write_csv_atomic
+    from seqvision.utils.io import write_csv_atomic
 
     formatted = [{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows]
     write_csv_atomic(formatted, path)
@@ -780,7 +781,8 @@ def plot_comparison(
     path: Path, summaries: Sequence[Mapping[str, Any]], runs: Sequence[RunResult], title: str
 ) -> None:
     """Three panels: mean test top-1 with min/max error bars, top-1 against ms/step, mean loss curves."""
-    from seqvision.bench.measure import agg_pyplot, save_figure_atomic
+    from seqvision.bench.measure import agg_pyplot
+    from seqvision.utils.io import save_figure_atomic
 
     plt = agg_pyplot()
     colors = {"seqvision": "tab:blue", "timm": "tab:gray"}
@@ -1091,16 +1093,6 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``seqvision bench digits`` (and of ``python -m seqvision.bench.digits``)."""
     parser.add_argument(
@@ -1112,14 +1104,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], metavar="0,1,2")
     parser.add_argument(
-        "--steps", type=_positive, default=Recipe.steps, help="optimizer steps (default %(default)s)"
+        "--steps",
+        type=positive_int,
+        default=Recipe.steps,
+        help="optimizer steps (default %(default)s)",
     )
-    parser.add_argument("--batch-size", type=_positive, default=Recipe.batch_size, help="default %(default)s")
-    parser.add_argument("--threads", type=_positive, default=1, help="torch threads (default %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=Recipe.batch_size, help="default %(default)s"
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/digits"))
     parser.add_argument(
         "--jobs",
-        type=_positive,
+        type=positive_int,
         default=1,
         help="runs trained at the same time, each in a worker process (default %(default)s); above 1 "
         "ms/step is measured while the runs share the machine",

@@ -37,10 +37,9 @@ from seqvision.bench.measure import (
     memory_kib,
     reset_peak_memory,
     run_in_fresh_process,
-    save_figure_atomic,
     timed_call,
-    write_csv_atomic,
 )
+from seqvision.utils.io import save_figure_atomic, write_csv_atomic
 
 __all__ = [
     "FORMS",

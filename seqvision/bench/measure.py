@@ -14,11 +14,9 @@ re-exports them (and puts the checkout on ``sys.path`` first).
 
 from __future__ import annotations
 
-import csv
 import gc
 import math
 import multiprocessing
-import os
 import re
 import statistics
 import time
@@ -40,9 +38,7 @@ __all__ = [
     "peak_memory_supported",
     "reset_peak_memory",
     "run_in_fresh_process",
-    "save_figure_atomic",
     "timed_call",
-    "write_csv_atomic",
 ]
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -174,38 +170,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
-
-
-def _replace_atomic(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
-    # Write next to the target (same file system) and rename over it, so a reader never sees a
-    # half-written file and an interrupted run leaves the previous result in place.
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_csv_atomic(rows: Sequence[dict], path: Path) -> None:
-    """Write ``rows`` (dicts sharing the keys of the first one) as a CSV file at ``path``, atomically."""
-    path = Path(path)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    _replace_atomic(path.with_suffix(".tmp"), path, write)
-
-
-def save_figure_atomic(fig, path: Path, **savefig_kwargs) -> None:
-    """Save a matplotlib figure at ``path``, atomically; ``savefig_kwargs`` go to ``fig.savefig``."""
-    path = Path(path)
-    # The temporary name keeps the suffix, from which matplotlib picks the file format.
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    _replace_atomic(tmp, path, lambda p: fig.savefig(p, **savefig_kwargs))
 
 
 def agg_pyplot():

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ._io import atomic_path
+from seqvision.utils.io import atomic_path
 
 __all__ = [
     "CaptionScores",

@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from seqvision.utils.checks import check_int
+
 __all__ = ["VOCAB_FORMAT", "VOCAB_VERSION", "Vocabulary", "tokenize"]
 
 VOCAB_FORMAT = "seqvision-vocab"
@@ -51,12 +53,6 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower().replace("\u2019", "'"))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 class Vocabulary:
     """Words with ids: the specials ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, then ``words``.
 
@@ -75,7 +71,7 @@ class Vocabulary:
     def __init__(self, words: Sequence[str], min_count: int = 1) -> None:
         if isinstance(words, str) or not isinstance(words, Sequence):
             raise TypeError(f"words must be a sequence of str, got {type(words).__name__}")
-        _check_int("min_count", min_count, 1)
+        check_int("min_count", min_count, 1)
         for word in words:
             if not isinstance(word, str) or not word or any(ch.isspace() for ch in word):
                 raise ValueError(f"words must be non-empty strings without whitespace, got {word!r}")
@@ -105,9 +101,9 @@ class Vocabulary:
         if isinstance(captions, str) or not isinstance(captions, Iterable):
             # A single string would be iterated character by character.
             raise TypeError(f"captions must be an iterable of str, got {type(captions).__name__}")
-        _check_int("min_count", min_count, 1)
+        check_int("min_count", min_count, 1)
         if max_size is not None:
-            _check_int("max_size", max_size, len(cls.SPECIALS) + 1)
+            check_int("max_size", max_size, len(cls.SPECIALS) + 1)
         counts: Counter[str] = Counter()
         seen = 0
         for caption in captions:
@@ -172,7 +168,7 @@ class Vocabulary:
         vocabulary become ``UNK``.
         """
         if max_len is not None:
-            _check_int("max_len", max_len, 1)
+            check_int("max_len", max_len, 1)
         ids = [self.id(token) for token in tokenize(text)]
         truncated = max_len is not None and len(ids) > max_len
         if truncated:

@@ -55,14 +55,14 @@ from seqvision.pretrain.loop import (
     TrainResult,
     gather_outputs,
 )
+from seqvision.utils.io import write_json_atomic
 from seqvision.vision.captioner import LRCNCaptioner, caption_loss, shift_tokens
 
-from ._io import write_json_atomic
 from .caption_data import CaptionDataset, CaptionRecord, load_coco_captions, load_video_captions, references
 from .caption_metrics import CaptionScores, caption_scores, save_caption_grid, write_coco_results
 from .caption_vocab import Vocabulary
 from .model_file import EVAL_DIR, MODEL_FILE, evaluation_folder, export_at_train_end, read_model_file
-from .pipeline import evaluate_on_every_process, evaluation_config, run_folder, train_job
+from .pipeline import evaluate_on_every_process, evaluation_config, evaluation_loader, run_folder, train_job
 
 __all__ = [
     "CaptionEvaluation",
@@ -499,7 +499,7 @@ def run_caption_finetune(
 
     def evaluate(accelerator: Accelerator, model: nn.Module, state: LoopState) -> dict[str, float]:
         if "val" not in prepared:
-            prepared["val"] = accelerator.prepare(_eval_loader(job.val_set, evaluation))
+            prepared["val"] = accelerator.prepare(evaluation_loader(job.val_set, evaluation))
         captions = generate_captions(accelerator, model, prepared["val"], job.val_set, job.vocab, evaluation)
         result = _evaluate_on_main(accelerator, captions, job.val_set, evaluation)
         if state.step == job.loop.steps and accelerator.is_main_process:
@@ -526,10 +526,6 @@ def run_caption_finetune(
         evaluate=evaluate,
     )
     return path, result
-
-
-def _eval_loader(dataset: CaptionDataset, evaluation: Mapping[str, Any]) -> DataLoader:
-    return DataLoader(dataset, batch_size=evaluation["batch_size"], num_workers=evaluation["num_workers"])
 
 
 def finetune_captioner(
@@ -587,7 +583,7 @@ def evaluate_captioner(
 
     return evaluate_on_every_process(
         model,
-        _eval_loader(dataset, evaluation),
+        evaluation_loader(dataset, evaluation),
         mixed_precision=mixed_precision,
         run=run,
         write=lambda folder, result: write_caption_evaluation(folder, result, dataset, evaluation),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_path, write_json_atomic
+from seqvision.utils.io import atomic_path, write_json_atomic
 
 __all__ = [
     "ClassificationReport",

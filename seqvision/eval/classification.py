@@ -71,7 +71,7 @@ from .model_file import (
     read_model_file,
     save_model_file,
 )
-from .pipeline import evaluate_on_every_process, evaluation_config, run_folder, train_job
+from .pipeline import evaluate_on_every_process, evaluation_config, evaluation_loader, run_folder, train_job
 from .video_data import UnreadableDatasetError, VideoRecord, load_video_list
 
 __all__ = [
@@ -406,10 +406,6 @@ def write_classification_evaluation(
     }
 
 
-def _eval_loader(dataset: Dataset, evaluation: Mapping[str, Any]) -> DataLoader:
-    return DataLoader(dataset, batch_size=evaluation["batch_size"], num_workers=evaluation["num_workers"])
-
-
 # ---------------------------------------------------------------------------------------------- train
 
 
@@ -536,7 +532,7 @@ def run_classification_finetune(
 
     def evaluate(accelerator: Accelerator, model: nn.Module, state: LoopState) -> dict[str, float]:
         if "val" not in prepared:
-            prepared["val"] = accelerator.prepare(_eval_loader(job.val_set, job.config["eval"]))
+            prepared["val"] = accelerator.prepare(evaluation_loader(job.val_set, job.config["eval"]))
         report, gathered = run_classification_evaluation(accelerator, model, prepared["val"], job.val_set)
         metrics = report.metrics()
         if job.ema is not None:
@@ -623,7 +619,7 @@ def evaluate_classifier(
     dataset = ImageClassDataset(records, eval_transform, train=False, input_size=data_config["input_size"])
     (report, _), files = evaluate_on_every_process(
         model,
-        _eval_loader(dataset, values["eval"]),
+        evaluation_loader(dataset, values["eval"]),
         mixed_precision=mixed_precision,
         run=lambda accelerator, model, loader: run_classification_evaluation(
             accelerator, model, loader, dataset

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["AffinityLoss", "AffinityModel", "affinity_forward", "affinity_targets"]
+__all__ = ["AffinityLoss", "AffinityModel", "affinity_forward", "affinity_targets", "slice_along"]
 
 _AXES = (-3, -2, -1)  # z, y, x: the channel order of the affinities
 
 
-def _along(axis: int, start: int | None, stop: int | None) -> tuple[Any, ...]:
-    """Index of positions start:stop along a negative ``axis`` of an array of any rank."""
+def slice_along(axis: int, start: int | None, stop: int | None) -> tuple[Any, ...]:
+    """Index of positions start:stop along a negative ``axis`` of an array of any rank (-3, -2, -1:
+    z, y, x of a volume)."""
     return (Ellipsis, slice(start, stop), *([slice(None)] * (-axis - 1)))
 
 
@@ -64,14 +65,14 @@ def affinity_targets(
     else:
         target, mask = np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.float32)
     for channel, axis in enumerate(_AXES):
-        after, before = labels[_along(axis, 1, None)], labels[_along(axis, None, -1)]
+        after, before = labels[slice_along(axis, 1, None)], labels[slice_along(axis, None, -1)]
         same = after == before
         if ignore_label is None:
             valid = torch.ones_like(same) if is_tensor else np.ones_like(same)
         else:
             valid = (after != ignore_label) & (before != ignore_label)
-        target[..., channel, :, :, :][_along(axis, 1, None)] = same & valid
-        mask[..., channel, :, :, :][_along(axis, 1, None)] = valid
+        target[..., channel, :, :, :][slice_along(axis, 1, None)] = same & valid
+        mask[..., channel, :, :, :][slice_along(axis, 1, None)] = valid
     return target, mask
 
 

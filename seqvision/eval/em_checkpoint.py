@@ -29,10 +29,9 @@ import torch
 import torch.nn as nn
 import yaml
 
+from seqvision.utils.checks import state_mismatch
+from seqvision.utils.io import atomic_path
 from seqvision.vision.em import EMSegMamba, create_em_segmenter
-from seqvision.vision.layers.state import state_mismatch
-
-from ._io import atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -39,8 +39,8 @@ import torch
 from seqvision.pretrain.loop import LoopState
 from seqvision.pretrain.synthetic import synthetic_em_volume
 from seqvision.pretrain.train import ENCODER_FILE, pretrain
+from seqvision.utils.io import atomic_path, write_json_atomic
 
-from ._io import atomic_path, write_json_atomic
 from .em_affinity import affinity_targets
 from .em_checkpoint import load_segmenter
 from .em_figure import save_segmentation_figure

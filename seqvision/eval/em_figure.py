@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_path
+from seqvision.utils.io import atomic_path
 
 __all__ = ["label_colors", "save_segmentation_figure"]
 

@@ -43,6 +43,7 @@ from accelerate.utils import DistributedType, set_seed
 from seqvision.pretrain.config import CONFIG_FILE, load_sections, synthetic_volume, write_config
 from seqvision.pretrain.data import EMAugment, EMCropDataset
 from seqvision.pretrain.loop import LoopConfig, LoopState, train
+from seqvision.utils.checks import is_main_process
 from seqvision.vision.em import EMSegMamba
 
 from .em_affinity import AffinityModel, affinity_forward
@@ -271,7 +272,7 @@ def run_finetune(
     """
     output = job.output_dir
     output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         write_config(output / CONFIG_FILE, job.config)
     segmenter = job.model.segmenter
     source = job.config["model"].get("pretrained_encoder") or "scratch (random weights)"

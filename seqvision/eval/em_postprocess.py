@@ -44,6 +44,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from .em_affinity import slice_along
+
 __all__ = [
     "WATERZ_SCORING",
     "agglomerate",
@@ -125,13 +127,6 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
-def _along(axis: int, start: int | None, stop: int | None) -> tuple[slice, ...]:
-    """Index of positions start:stop along ``axis`` of a (Z, Y, X) volume."""
-    index = [slice(None)] * 3
-    index[axis] = slice(start, stop)
-    return tuple(index)
-
-
 def boundary_map(
     affinities: np.ndarray, mode: Literal["2d", "3d"] = "2d", reduce: Literal["min", "mean"] = "min"
 ) -> np.ndarray:
@@ -163,8 +158,8 @@ def _boundary_map(affinities: np.ndarray, mode: str, reduce: str) -> np.ndarray:
     for axis in axes:
         # The edge stored at position i joins voxels i - 1 and i: it touches voxels 1: as their
         # edge to the predecessor and voxels :-1 as their edge to the successor.
-        edge = affinities[axis][_along(axis, 1, None)].astype(np.float32, copy=False)
-        for end in (_along(axis, 1, None), _along(axis, None, -1)):
+        edge = affinities[axis][slice_along(axis - 3, 1, None)].astype(np.float32, copy=False)
+        for end in (slice_along(axis - 3, 1, None), slice_along(axis - 3, None, -1)):
             if reduce == "min":
                 np.minimum(strength[end], edge, out=strength[end])
             else:
@@ -311,13 +306,13 @@ def region_adjacency_edges(
     """
     us, vs, values = [], [], []
     for axis in range(3):
-        before = fragments[_along(axis, None, -1)]
-        after = fragments[_along(axis, 1, None)]
+        before = fragments[slice_along(axis - 3, None, -1)]
+        after = fragments[slice_along(axis - 3, 1, None)]
         cut = before != after
         a, b = before[cut], after[cut]
         us.append(np.minimum(a, b))
         vs.append(np.maximum(a, b))
-        values.append(affinities[axis][_along(axis, 1, None)][cut].astype(np.float32))
+        values.append(affinities[axis][slice_along(axis - 3, 1, None)][cut].astype(np.float32))
     u, v, value = (np.concatenate(parts) for parts in (us, vs, values))
     order = np.lexsort((value, v, u))
     return u[order], v[order], value[order]

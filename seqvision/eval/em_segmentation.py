@@ -34,9 +34,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from seqvision.pretrain.data import LABELS_KEY, LazyVolume, open_volume
+from seqvision.utils.io import atomic_path
 
 from . import em_postprocess
-from ._io import atomic_path
 from .em_checkpoint import SegmenterConfig, load_segmenter
 from .em_metrics import SegmentationScores, evaluate_segmentation
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path
+from seqvision.utils.io import atomic_path
 
 __all__ = [
     "EVAL_DIR",

@@ -21,10 +21,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from seqvision.pretrain.config import CONFIG_FILE, write_config
 from seqvision.pretrain.loop import LoopConfig, TrainResult, resolve_mixed_precision, train
+from seqvision.utils.checks import is_main_process
 
 from .model_file import ModelFile
 
-__all__ = ["FinetuneJob", "evaluate_on_every_process", "evaluation_config", "run_folder", "train_job"]
+__all__ = [
+    "FinetuneJob",
+    "evaluate_on_every_process",
+    "evaluation_config",
+    "evaluation_loader",
+    "run_folder",
+    "train_job",
+]
 
 Result = TypeVar("Result")
 
@@ -46,7 +54,7 @@ def run_folder(job: FinetuneJob) -> Path:
     """Create the job's output folder and write its config there (from the first process); return it."""
     output = job.output_dir
     output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         write_config(output / CONFIG_FILE, job.config)
     return output
 
@@ -96,6 +104,12 @@ def evaluation_config(
     if not values["data"].get("val"):
         raise ValueError(no_data)
     return values
+
+
+def evaluation_loader(dataset: Dataset, evaluation: Mapping[str, Any]) -> DataLoader:
+    """The evaluation DataLoader of an ``eval`` config section: in order, ``batch_size`` and
+    ``num_workers`` as configured (``gather_outputs`` then counts every sample once)."""
+    return DataLoader(dataset, batch_size=evaluation["batch_size"], num_workers=evaluation["num_workers"])
 
 
 def evaluate_on_every_process(

@@ -65,7 +65,7 @@ from .class_metrics import (
 )
 from .classifier import ClassifierWithLoss, classifier_forward
 from .model_file import EVAL_DIR, MODEL_FILE, evaluation_folder, export_at_train_end, read_model_file
-from .pipeline import evaluate_on_every_process, evaluation_config, run_folder, train_job
+from .pipeline import evaluate_on_every_process, evaluation_config, evaluation_loader, run_folder, train_job
 from .video_data import VideoClipDataset, load_video_list
 
 __all__ = [
@@ -326,12 +326,6 @@ def write_evaluation(
     }
 
 
-def _eval_loader(dataset: VideoClipDataset, evaluation: Mapping[str, Any]) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=evaluation["batch_size"], shuffle=False, num_workers=evaluation["num_workers"]
-    )
-
-
 # ---------------------------------------------------------------------------------------------- train
 
 
@@ -455,7 +449,7 @@ def run_video_finetune(
 
     def evaluate(accelerator: Accelerator, model: nn.Module, state: LoopState) -> dict[str, float]:
         if "val" not in prepared_loader:
-            prepared_loader["val"] = accelerator.prepare(_eval_loader(job.val_set, evaluation))
+            prepared_loader["val"] = accelerator.prepare(evaluation_loader(job.val_set, evaluation))
         result = run_video_evaluation(
             accelerator, model, prepared_loader["val"], job.val_set, evaluation["average"]
         )
@@ -548,7 +542,7 @@ def evaluate_video(
     average = values["eval"]["average"]
     result, files = evaluate_on_every_process(
         model,
-        _eval_loader(dataset, values["eval"]),
+        evaluation_loader(dataset, values["eval"]),
         mixed_precision=mixed_precision,
         run=lambda accelerator, model, loader: run_video_evaluation(
             accelerator, model, loader, dataset, average

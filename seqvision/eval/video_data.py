@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from seqvision.utils.checks import check_int
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -348,12 +350,6 @@ def _read_ucf_split(
 # ---------------------------------------------------------------------------------------- sampling
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def sample_frame_indices(
     num_available: int,
     num_frames: int,
@@ -393,11 +389,11 @@ def sample_frame_indices(
         raise ValueError(f"mode must be one of {', '.join(map(repr, SAMPLING_MODES))}, got {mode!r}")
     if isinstance(num_available, int | np.integer) and num_available == 0:
         raise ValueError("num_available must be >= 1, got 0: a video without frames has no clip")
-    n = _check_int(num_available, "num_available", 1)
-    count = _check_int(num_frames, "num_frames", 1)
-    stride = _check_int(stride, "stride", 1)
-    num_clips = _check_int(num_clips, "num_clips", 1)
-    clip_index = _check_int(clip_index, "clip_index", 0)
+    n = check_int("num_available", num_available, 1)
+    count = check_int("num_frames", num_frames, 1)
+    stride = check_int("stride", stride, 1)
+    num_clips = check_int("num_clips", num_clips, 1)
+    clip_index = check_int("clip_index", clip_index, 0)
     if clip_index >= num_clips:
         raise ValueError(f"clip_index must be < num_clips ({num_clips}), got {clip_index}")
     if rng is not None and not isinstance(rng, np.random.Generator):
@@ -786,13 +782,13 @@ class VideoClipDataset(Dataset):
         self.records = [VideoRecord(Path(r.path), int(r.label)) for r in records]
         if not self.records:
             raise ValueError("records: need at least one video")
-        self.num_frames = _check_int(num_frames, "num_frames", 1)
+        self.num_frames = check_int("num_frames", num_frames, 1)
         if sampling not in SAMPLING_MODES:
             raise ValueError(
                 f"sampling must be one of {', '.join(map(repr, SAMPLING_MODES))}, got {sampling!r}"
             )
-        self.stride = _check_int(stride, "stride", 1)
-        self.num_clips = _check_int(num_clips, "num_clips", 1)
+        self.stride = check_int("stride", stride, 1)
+        self.num_clips = check_int("num_clips", num_clips, 1)
         if num_crops not in (1, 3):
             raise ValueError(f"num_crops must be 1 or 3, got {num_crops!r}")
         if train and (self.num_clips != 1 or num_crops != 1):
@@ -800,7 +796,7 @@ class VideoClipDataset(Dataset):
                 f"num_clips and num_crops apply to evaluation (train=False); got {num_clips} and {num_crops}"
             )
         self.size = _size_pair(size, "size")
-        self.resize = _check_int(resize, "resize", 1)
+        self.resize = check_int("resize", resize, 1)
         if not train and self.resize < min(self.size):
             raise ValueError(f"resize (the short side, {resize}) must be >= the crop size {size}")
         if not (isinstance(seed, int) and seed >= 0):

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from seqvision.utils.io import write_text_atomic
+
 from .synthetic import synthetic_em_volume
 
 __all__ = ["CONFIG_FILE", "apply_overrides", "load_sections", "synthetic_volume", "write_config"]
@@ -98,12 +100,8 @@ def write_config(path: str | os.PathLike, values: Mapping[str, Any]) -> Path:
     The values go through JSON first, so that tuples become lists and paths strings, which
     ``yaml.safe_dump`` can write and ``load_sections`` reads back.
     """
-    path = Path(path)
     plain = json.loads(json.dumps(dict(values), default=str))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(plain, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(plain, sort_keys=False))
 
 
 def synthetic_volume(spec: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch
 import zarr
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
+
+from seqvision.utils.io import atomic_path
 
 __all__ = [
     "CREMI_RESOLUTION",
@@ -374,20 +375,13 @@ def write_cremi(
             raise ValueError(f"labels shape {labels.shape} differs from raw shape {raw.shape}")
         if labels.dtype.kind == "i" and labels.min() < 0:
             raise ValueError("labels: neuron ids must be >= 0 (CREMI stores them as uint64)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: no such folder to write {path.name} into")
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with h5py.File(temporary, "w") as file:
-            dataset = file.create_dataset(RAW_KEY, data=raw, chunks=True, compression=compression)
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as file:
+        dataset = file.create_dataset(RAW_KEY, data=raw, chunks=True, compression=compression)
+        dataset.attrs["resolution"] = np.asarray(resolution, dtype=np.float64)
+        if labels is not None:
+            ids = labels.astype(np.uint64, copy=False)
+            dataset = file.create_dataset(LABELS_KEY, data=ids, chunks=True, compression=compression)
             dataset.attrs["resolution"] = np.asarray(resolution, dtype=np.float64)
-            if labels is not None:
-                ids = labels.astype(np.uint64, copy=False)
-                dataset = file.create_dataset(LABELS_KEY, data=ids, chunks=True, compression=compression)
-                dataset.attrs["resolution"] = np.asarray(resolution, dtype=np.float64)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     _logger.info("wrote %s: raw %s %s", path, raw.shape, raw.dtype)
     return path
 

@@ -73,6 +73,8 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from seqvision.utils.checks import check_int
+
 __all__ = [
     "CHECKPOINT_MARKER",
     "CheckpointManager",
@@ -177,13 +179,13 @@ class LoopConfig:
         self.betas = tuple(float(b) for b in self.betas)
         self.output_dir = str(self.output_dir)
         for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
-            _check_int(name, getattr(self, name), low=1)
+            check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "seed", "num_workers"):
-            _check_int(name, getattr(self, name), low=0)
+            check_int(name, getattr(self, name), 0)
         if self.keep_last is not None:
-            _check_int("keep_last", self.keep_last, low=1)
+            check_int("keep_last", self.keep_last, 1)
         if self.eval_every is not None:
-            _check_int("eval_every", self.eval_every, low=1)
+            check_int("eval_every", self.eval_every, 1)
         if self.lr_scales is not None:
             if not isinstance(self.lr_scales, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, int | float) and v > 0 for k, v in self.lr_scales.items()
@@ -219,11 +221,6 @@ class LoopConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclass

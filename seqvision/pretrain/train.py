@@ -33,6 +33,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import save_file
 
+from seqvision.utils.checks import is_main_process
+from seqvision.utils.io import atomic_path
+
 from .config import CONFIG_FILE, load_sections, synthetic_volume, write_config
 from .data import EMAugment, EMCropDataset
 from .loop import LoopConfig, LoopState, TrainResult, train
@@ -118,12 +121,8 @@ def export_encoder(
     if accelerator.is_main_process:
         # Own contiguous CPU copies: safetensors refuses tensors that share storage.
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(path) as temporary:
+            save_file(tensors, str(temporary), metadata={"format": "pt", **metadata})
         _logger.info("wrote the encoder's weights (%d tensors) to %s", len(tensors), path)
     accelerator.wait_for_everyone()
     return path
@@ -173,7 +172,7 @@ def pretrain(
     output = Path(loop_config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     resolved = {**values, "train": loop_config.to_dict()}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         write_config(output / CONFIG_FILE, resolved)
     _logger.info(
         "TokenUnify on %s: %.2f M parameters (encoder %.2f M), %d tokens per crop %s",

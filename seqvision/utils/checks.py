@@ -15,7 +15,7 @@ __all__ = [
     "check_int",
     "check_positive_int",
     "is_main_process",
-    "positive_int_argument",
+    "positive_int",
     "state_mismatch",
 ]
 
@@ -35,7 +35,7 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
-def positive_int_argument(text: str) -> int:
+def positive_int(text: str) -> int:
     """An argparse ``type``: an int >= 1, else a usage error (exit status 2) quoting the text."""
     try:
         value = int(text)

@@ -91,10 +91,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from seqvision.utils.checks import check_positive_int
+from seqvision.utils.checks import check_positive_int, state_mismatch
 
 from .base import default_cfg
-from .layers.state import state_mismatch
 from .mamba import MambaBlock, MambaStagesMixin, mamba_no_weight_decay
 from .weights import first_mismatch, read_checkpoint, register_converter, unwrap_state_dict
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv
 
-from .layers.state import state_mismatch
+from seqvision.utils.checks import state_mismatch
 
 __all__ = [
     "Converter",

@@ -18,8 +18,8 @@ from seqvision.eval import (
     save_segmentation_figure,
     save_segmenter,
 )
-from seqvision.eval._io import atomic_path
 from seqvision.pretrain import LazyVolume, open_volume
+from seqvision.utils.io import atomic_path
 
 
 class Pointwise(nn.Module):

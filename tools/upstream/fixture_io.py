@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import json
-import os
 import subprocess
 import sys
 import types
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from seqvision.utils.io import atomic_path
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "vision" / "fixtures"
 
@@ -89,7 +90,6 @@ def save_fixture(
     }
     FIXTURES.mkdir(parents=True, exist_ok=True)
     path = FIXTURES / f"{name}.safetensors"
-    temporary = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
     return path

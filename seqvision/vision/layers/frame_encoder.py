@@ -30,9 +30,7 @@ import torch
 import torch.nn as nn
 from timm.models import adapt_input_conv, group_modules, group_parameters, load_state_dict
 
-from seqvision.utils.checks import check_positive_int
-
-from .state import state_mismatch
+from seqvision.utils.checks import check_positive_int, state_mismatch
 
 __all__ = ["FrameEncoderMixin", "build_frame_encoder", "frame_encoder_dim", "load_encoder_file"]
 
