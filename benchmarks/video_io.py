@@ -51,7 +51,7 @@ import torch
 from torch.utils.data import DataLoader
 from video_fixtures import write_motion_video
 
-from seqvision.eval.video_data import (
+from seqvision.data.video import (
     VIDEO_EXTENSIONS,
     VideoClipDataset,
     VideoRecord,

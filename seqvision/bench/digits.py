@@ -2,7 +2,7 @@
 
 ``run_digits_comparison`` trains every model of ``MODELS`` from scratch with ONE shared recipe on
 a fixed split of scikit-learn's bundled digits, for several seeds, through the shared training loop
-(``seqvision.pretrain.loop.train`` with ``ClassifierWithLoss``), scores each run on the test split
+(``seqvision.engine.train`` with ``ClassifierWithLoss``), scores each run on the test split
 (``gather_outputs`` + ``classification_report``) and judges every seqvision backbone against the
 best timm peer of its size class. Behind ``seqvision bench digits``.
 
@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from seqvision.utils.checks import positive_int
+from seqvision.utils.extras import require
 from seqvision.utils.io import atomic_path, write_json_atomic
 
 __all__ = [
@@ -186,8 +187,8 @@ def load_digits_split(test_size: float = TEST_SIZE, random_state: int = SPLIT_SE
     The same arguments give the same indices on every call (the split is part of the benchmark's
     definition, not of a run's randomness).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    load_digits = require("sklearn.datasets", "bench", "the digits benchmark").load_digits
+    train_test_split = require("sklearn.model_selection", "bench", "the digits benchmark").train_test_split
 
     if not 0 < test_size < 1:
         raise ValueError(f"test_size: expected a fraction in (0, 1), got {test_size!r}")
@@ -304,7 +305,7 @@ class Recipe:
 
     def loop_config(self, seed: int, output_dir: str | os.PathLike) -> Any:
         """The ``LoopConfig`` of one run: checkpoint only at the end (into a temporary folder), no tracker."""
-        from seqvision.pretrain.loop import LoopConfig
+        from seqvision.engine import LoopConfig
 
         return LoopConfig(
             steps=self.steps,
@@ -461,9 +462,9 @@ def train_and_evaluate(
     """
     from accelerate.utils import set_seed
 
-    from seqvision.eval.class_metrics import classification_report
-    from seqvision.eval.classifier import ClassifierWithLoss, classifier_forward
-    from seqvision.pretrain.loop import gather_outputs, train
+    from seqvision.engine import gather_outputs, train
+    from seqvision.eval.classification.classifier import ClassifierWithLoss, classifier_forward
+    from seqvision.eval.classification.metrics import classification_report
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")

@@ -25,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from seqvision.utils.extras import require
+
 __all__ = [
     "CLEAR_REFS",
     "FRESH_PROCESS_PRELOAD",
@@ -174,8 +176,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def agg_pyplot():
     """Return ``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "bench", "the benchmark plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

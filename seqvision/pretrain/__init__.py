@@ -1,37 +1,14 @@
-"""Pretraining for EM volumes: readers, random-crop datasets with EM augmentations, synthetic volumes.
+"""TokenUnify pretraining of EM encoders (docs/PRETRAINING.md).
 
-The TokenUnify objectives and the Accelerate training loop build on ``EMCropDataset``; EM
-segmentation fine-tuning reuses it with label volumes.
+* :mod:`~seqvision.pretrain.tokenunify` - ``TokenUnify``: the three token objectives (random token
+  prediction, next token, next-all) around an EM encoder, joint / alternate / sequential.
+* :mod:`~seqvision.pretrain.train` - ``pretrain(config)``: a YAML config to a trained encoder
+  (``encoder.safetensors``) on the shared loop (``seqvision pretrain``).
+
+The EM volumes it reads and the synthetic ones are :mod:`seqvision.data`.
 """
 
-from .data import (
-    CREMI_RESOLUTION,
-    LABELS_KEY,
-    RAW_KEY,
-    EMAugment,
-    EMCropDataset,
-    LazyVolume,
-    open_volume,
-    read_labels,
-    read_volume,
-    split_volume_spec,
-    write_cremi,
-)
-from .synthetic import synthetic_em_volume
 from .tokenunify import TokenUnify
+from .train import ENCODER_FILE, load_config, pretrain
 
-__all__ = [
-    "CREMI_RESOLUTION",
-    "LABELS_KEY",
-    "RAW_KEY",
-    "EMAugment",
-    "EMCropDataset",
-    "LazyVolume",
-    "TokenUnify",
-    "open_volume",
-    "read_labels",
-    "read_volume",
-    "split_volume_spec",
-    "synthetic_em_volume",
-    "write_cremi",
-]
+__all__ = ["ENCODER_FILE", "TokenUnify", "load_config", "pretrain"]

@@ -12,7 +12,7 @@
 ``train``   ``LoopConfig`` fields (steps, batch size, optimizer, schedule, checkpoints, ...),
 
 builds ``TokenUnify`` (after seeding, so every process starts from the same weights) and an
-``EMCropDataset``, runs ``seqvision.pretrain.loop.train`` and finally writes the encoder's weights to
+``EMCropDataset``, runs ``seqvision.engine.train`` and finally writes the encoder's weights to
 ``<output_dir>/encoder.safetensors`` under timm's keys, atomically:
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), **encoder_kwargs)``
 loads them, and so does ``create_em_segmenter(name, pretrained_encoder=...)``.
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,29 +34,45 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import save_file
 
-from seqvision.utils.checks import is_main_process
+from seqvision.data.synthetic import synthetic_volume
+from seqvision.data.volumes import EMAugment, EMCropDataset
+from seqvision.engine import (
+    LoopConfig,
+    LoopState,
+    TrainingJob,
+    TrainResult,
+    compose_finetune,
+    run_folder,
+    train_job,
+)
+from seqvision.engine.config import CONFIG_FILE, UNSET, Schema, load_sections
+from seqvision.pretrain.tokenunify import OBJECTIVES, TokenUnify
 from seqvision.utils.io import atomic_path
 
-from .config import CONFIG_FILE, load_sections, synthetic_volume, write_config
-from .data import EMAugment, EMCropDataset
-from .loop import LoopConfig, LoopState, TrainResult, train
-from .tokenunify import OBJECTIVES, TokenUnify
-
-__all__ = ["CONFIG_FILE", "ENCODER_FILE", "build_dataset", "export_encoder", "load_config", "pretrain"]
+__all__ = [
+    "CONFIG_FILE",
+    "ENCODER_FILE",
+    "PretrainJob",
+    "build_dataset",
+    "export_encoder",
+    "load_config",
+    "prepare",
+    "pretrain",
+    "run",
+]
 
 _logger = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.safetensors"
-_SECTIONS = ("model", "data", "train")
-_DATA_KEYS = {
-    "volumes",
-    "synthetic",
-    "augment",
-    "samples_per_epoch",
-    "voxel_size",
-    "pad",
-    "scaling",
-    "in_memory",
+# The model section is TokenUnify's keyword arguments (checked by its constructor); the train section
+# LoopConfig's fields.
+_SCHEMA: Schema = {
+    "model": None,
+    "data": dict.fromkeys(
+        ("volumes", "synthetic", "augment", "samples_per_epoch", "voxel_size", "pad", "scaling", "in_memory"),
+        UNSET,
+    ),
+    "train": None,
 }
 
 
@@ -69,7 +86,7 @@ def load_config(config: str | os.PathLike | Mapping[str, Any], overrides: Sequen
     ``train.keep_last=null``); a dotted key creates the nested mappings it names. Only the sections
     ``model``, ``data`` and ``train`` are allowed, so that a typo is an error, not an ignored key.
     """
-    return load_sections(config, overrides, sections=_SECTIONS, known_keys={"data": _DATA_KEYS})
+    return load_sections(config, overrides, schema=_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------ model, data
@@ -131,27 +148,26 @@ def export_encoder(
 # ------------------------------------------------------------------------------------------- pretrain
 
 
-def pretrain(
+@dataclass(kw_only=True)
+class PretrainJob(TrainingJob):
+    """A pretraining run, built and checked but not started (``prepare``); no validation set."""
+
+    encoder: str  # the registered encoder's name
+    model: TokenUnify
+    train_set: EMCropDataset
+
+
+def prepare(
     config: str | os.PathLike | Mapping[str, Any],
-    resume: str | os.PathLike | None = None,
     *,
     output_dir: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
-    on_step_end: Callable[[LoopState, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Pretrain a TokenUnify encoder as ``config`` says; call on every process of a launch.
+) -> PretrainJob:
+    """Read the config, build ``TokenUnify`` and open the volumes; call on every process of a launch.
 
-    Args:
-        config: a YAML file or a mapping with ``model``, ``data`` and ``train`` sections.
-        resume: None, 'latest' (newest complete checkpoint in the output folder, or a fresh start)
-            or a checkpoint folder.
-        output_dir: replaces ``train.output_dir``.
-        overrides: ``"section.key=value"`` strings applied to the config (see ``load_config``).
-        on_step_end: passed to the loop (called after every step on every process).
-
-    Returns:
-        The loop's ``TrainResult``; the encoder weights are at ``result.output_dir / ENCODER_FILE``
-        and the config as run at ``result.output_dir / CONFIG_FILE``.
+    Every problem with the config or its files (unknown options, a missing or unreadable volume, a
+    crop larger than a volume) is raised here, before any training starts, as a FileNotFoundError,
+    ValueError or TypeError.
     """
     values = load_config(config, overrides)
     if output_dir is not None:
@@ -160,40 +176,45 @@ def pretrain(
     encoder = model_args.setdefault("encoder", "emmamba_base")
     if not isinstance(encoder, str):
         raise ValueError(f"config: model.encoder must be a registered encoder name, got {encoder!r}")
-    loop_config = LoopConfig.from_dict(values["train"])
-
+    loop = LoopConfig.from_dict(values["train"])
     # Same seed on every process: identical initial weights (the loop then offsets the seed per rank).
-    set_seed(loop_config.seed)
+    set_seed(loop.seed)
     model = TokenUnify(**model_args)
     if "find_unused_parameters" not in values["train"]:
-        loop_config.find_unused_parameters = _needs_unused_parameters(model)
-    dataset = build_dataset(values["data"], model.crop_size, loop_config.seed)
+        loop.find_unused_parameters = _needs_unused_parameters(model)
+    dataset = build_dataset(values["data"], model.crop_size, loop.seed)
+    resolved = {**values, "model": model_args, "train": loop.to_dict()}
+    return PretrainJob(config=resolved, encoder=encoder, model=model, train_set=dataset, loop=loop)
 
-    output = Path(loop_config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    resolved = {**values, "train": loop_config.to_dict()}
-    if is_main_process():
-        write_config(output / CONFIG_FILE, resolved)
+
+def run(
+    job: PretrainJob,
+    resume: str | os.PathLike | None = None,
+    *,
+    on_step_end: Callable[[LoopState, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train a prepared job on the shared loop and export the encoder; call on every process.
+
+    Returns the loop's ``TrainResult``; the encoder weights are at ``result.output_dir /
+    ENCODER_FILE`` and the config as run at ``result.output_dir / CONFIG_FILE``.
+    """
+    output = run_folder(job.output_dir, job.config)
+    model = job.model
     _logger.info(
         "TokenUnify on %s: %.2f M parameters (encoder %.2f M), %d tokens per crop %s",
-        encoder,
+        job.encoder,
         sum(p.numel() for p in model.parameters()) / 1e6,
         sum(p.numel() for p in model.encoder.parameters()) / 1e6,
         model.num_tokens,
         model.crop_size,
     )
-
-    metadata = {"encoder": encoder, "encoder_kwargs": json.dumps(model_args.get("encoder_kwargs") or {})}
+    encoder_kwargs = job.config["model"].get("encoder_kwargs") or {}
+    metadata = {"encoder": job.encoder, "encoder_kwargs": json.dumps(encoder_kwargs)}
 
     def on_train_end(accelerator: Accelerator, prepared: nn.Module, state: LoopState) -> None:
         export_encoder(accelerator, prepared, output / ENCODER_FILE, {**metadata, "step": str(state.step)})
 
-    return train(
-        model,
-        dataset,
-        loop_config,
-        resume=resume,
-        on_step_end=on_step_end,
-        on_train_end=on_train_end,
-        hparams={"model": model_args, "data": values["data"]},
-    )
+    return train_job(job, resume, on_step_end=on_step_end, on_train_end=on_train_end)
+
+
+pretrain = compose_finetune(prepare, run, "Pretrain a TokenUnify encoder as ``config`` says", name="pretrain")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg
-from timm.models._features import feature_take_indices
+from timm.models._features import feature_take_indices as _timm_feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from seqvision.utils.checks import check_positive_int
@@ -32,7 +32,17 @@ __all__ = [
     "default_cfg",
     "fixed_size_cfg",
     "init_linear",
+    "select_levels",
 ]
+
+
+def select_levels(num_levels: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+    """timm's rule for ``forward_intermediates(indices=...)``: an int n takes the last n of
+    ``num_levels`` levels, a list those levels (negative from the end), None all of them. Returns
+    (the levels, the last one needed). The one place seqvision reaches timm's private helper for it
+    (``timm.models._features.feature_take_indices``), so a move in timm is one line here."""
+    take, max_index = _timm_feature_take_indices(num_levels, indices)
+    return list(take), max_index
 
 
 def init_linear(module: nn.Module) -> None:
@@ -242,7 +252,7 @@ class TokenBackbone(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = select_levels(len(self.blocks), indices)
         x, grid = self._embed(x)
         n = x.shape[1] - self.num_prefix_tokens
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
@@ -263,7 +273,7 @@ class TokenBackbone(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the blocks after the last of ``indices`` (and the head / norm); returns the indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        take_indices, max_index = select_levels(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()

@@ -47,13 +47,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
 from torch.utils.checkpoint import checkpoint
 
 from seqvision.utils.checks import check_positive_int
 
-from .base import build_backbone
+from .base import build_backbone, select_levels
 from .caffe import CaffeModel, read_weights
 from .weights import (
     load_pretrained_file,
@@ -373,7 +372,7 @@ class CaffeNet(nn.Module):
         the pool5 map. There is no norm layer (``norm`` is accepted and ignored)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take, max_index = feature_take_indices(5, indices)
+        take, max_index = select_levels(5, indices)
         x = self._check(x)
         intermediates = []
         last = max_index if stop_early or intermediates_only else 4
@@ -389,7 +388,7 @@ class CaffeNet(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last one ``indices`` takes (and the fc layers and head)."""
-        take, max_index = feature_take_indices(5, indices)
+        take, max_index = select_levels(5, indices)
         for index in range(max_index + 1, 5):
             setattr(self, f"conv{index + 1}", nn.Identity())
         if prune_head or max_index < 4:

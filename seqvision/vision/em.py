@@ -88,12 +88,11 @@ import torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
 from seqvision.utils.checks import check_positive_int, state_mismatch
 
-from .base import default_cfg
+from .base import default_cfg, select_levels
 from .mamba import MambaBlock, MambaStagesMixin, mamba_no_weight_decay
 from .weights import first_mismatch, read_checkpoint, register_converter, unwrap_state_dict
 
@@ -371,7 +370,7 @@ class EMMambaEncoder(MambaStagesMixin, nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW' (channels first), got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = select_levels(len(self.stages), indices)
         x = self.stem(self._check(x))
         stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
@@ -389,7 +388,7 @@ class EMMambaEncoder(MambaStagesMixin, nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages (and skip heads) after the last of ``indices``; returns the indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = select_levels(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         self.skip_heads = self.skip_heads[: max_index + 1]
         if prune_head:

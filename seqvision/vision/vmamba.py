@@ -50,10 +50,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, LayerNorm2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from .base import check_image, init_linear
+from .base import check_image, init_linear, select_levels
 from .mamba import MambaBlock, MambaStagesMixin
 from .weights import (
     load_pretrained_file,
@@ -358,7 +357,7 @@ class VMamba(MambaStagesMixin, nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = select_levels(len(self.stages), indices)
         last = len(self.stages) - 1
         x = self.stem(self._check(x))
         stages = self.stages[: max_index + 1] if stop_early else self.stages
@@ -376,7 +375,7 @@ class VMamba(MambaStagesMixin, nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the head / norm); returns the indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = select_levels(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from seqvision.eval import SegmenterConfig, save_segmenter
+from seqvision.eval.em import SegmenterConfig, save_segmenter
 
 
 @pytest.fixture(scope="session")

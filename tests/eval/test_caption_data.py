@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from video_fixtures import write_motion_video, write_test_video
 
-from seqvision.eval.caption_data import (
+from seqvision.data.captions import (
     CaptionDataset,
     CaptionRecord,
     UnreadableImageError,
@@ -23,8 +23,8 @@ from seqvision.eval.caption_data import (
     read_image,
     references,
 )
-from seqvision.eval.caption_vocab import Vocabulary
-from seqvision.eval.video_data import UnreadableDatasetError
+from seqvision.data.video import UnreadableDatasetError
+from seqvision.eval.captioning.vocab import Vocabulary
 
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # outputs stay pixel / 255
 SIZE = (32, 40)
@@ -74,7 +74,7 @@ def vocab():
 
 def test_coco_reader_groups_captions_and_counts_missing(coco, caplog):
     path, root = coco
-    with caplog.at_level(logging.INFO, logger="seqvision.eval.caption_data"):
+    with caplog.at_level(logging.INFO, logger="seqvision.data.captions"):
         records, missing = load_coco_captions(path, root)
     assert missing == 1
     assert [r.key for r in records] == ["1", "2", "5"]
@@ -138,7 +138,7 @@ def test_video_csv_headerless_with_commas_and_missing(clips, tmp_path, caplog):
         "a.mp4,a grey square, fading in\n\nsub/b.mp4,a dot moves left\na.mp4,the screen brightens\n"
         "gone.mp4,never written\n"
     )
-    with caplog.at_level(logging.WARNING, logger="seqvision.eval.caption_data"):
+    with caplog.at_level(logging.WARNING, logger="seqvision.data.captions"):
         records, missing = load_video_captions(path)
     assert missing == 1
     assert [(r.key, r.path, r.captions) for r in records] == [
@@ -225,7 +225,7 @@ def test_train_items_token_layout_and_truncation(coco, vocab, caplog):
     path, root = coco
     records, _ = load_coco_captions(path, root)
     long = CaptionRecord(records[0].path, (*records[0].captions, "red " * 30), "9")
-    with caplog.at_level(logging.INFO, logger="seqvision.eval.caption_data"):
+    with caplog.at_level(logging.INFO, logger="seqvision.data.captions"):
         ds = CaptionDataset([*records, long], vocab, train=True, max_len=7, size=32, **RAW)
     # pairs: 2 + 1 + 2 + 3 (the long record repeats record 0's two captions); over 7 tokens: "a red
     # square on a black background ." (8, twice) and the long one
@@ -255,7 +255,7 @@ def test_eval_items_and_unreadable_image(coco, vocab, caplog):
     ds = CaptionDataset(records, train=False, size=24, resize=28, **RAW)
     assert len(ds) == 3 and ds.input_key == "image"
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="seqvision.eval.caption_data"):
+    with caplog.at_level(logging.WARNING, logger="seqvision.data.captions"):
         items = [ds[i] for i in range(3)] + [ds[1]]
     assert [int(it["valid"]) for it in items] == [1, 0, 1, 0]
     assert all(it["image"].shape == (3, 24, 24) and set(it) == {"image", "index", "valid"} for it in items)

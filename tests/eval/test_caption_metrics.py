@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from seqvision.eval import caption_metrics
-from seqvision.eval.caption_metrics import (
+from seqvision.eval.captioning import metrics as caption_metrics
+from seqvision.eval.captioning.metrics import (
     CaptionScores,
     caption_scores,
     metric_tokenize,

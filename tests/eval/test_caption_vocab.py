@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from seqvision.eval.caption_vocab import VOCAB_FORMAT, VOCAB_VERSION, Vocabulary, tokenize
-from seqvision.eval.model_file import read_model_file, save_model_file
+from seqvision.engine.model_file import read_model_file, save_model_file
+from seqvision.eval.captioning.vocab import VOCAB_FORMAT, VOCAB_VERSION, Vocabulary, tokenize
 
 CAPTIONS = [
     "A red circle, above.",

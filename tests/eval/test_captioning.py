@@ -18,17 +18,15 @@ from caption_fixtures import write_shapes_dataset
 from video_fixtures import write_motion_video
 
 from seqvision.cli import main
-from seqvision.eval.caption_metrics import caption_scores
-from seqvision.eval.captioning import (
-    build_captioner,
-    evaluate_captioner,
-    finetune_captioner,
-    load_caption_config,
-    load_caption_records,
-    prepare_caption_finetune,
-)
-from seqvision.eval.model_file import read_model_file
-from seqvision.pretrain.loop import LoopConfig
+from seqvision.engine import LoopConfig
+from seqvision.engine.model_file import read_model_file
+from seqvision.eval.captioning import build_model as build_captioner
+from seqvision.eval.captioning import evaluate as evaluate_captioner
+from seqvision.eval.captioning import finetune as finetune_captioner
+from seqvision.eval.captioning import load_caption_records
+from seqvision.eval.captioning import load_config as load_caption_config
+from seqvision.eval.captioning import prepare as prepare_caption_finetune
+from seqvision.eval.captioning.metrics import caption_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,17 +13,14 @@ import yaml
 from PIL import Image
 
 from seqvision.cli import main
-from seqvision.eval.classification import (
-    ImageClassDataset,
-    evaluate_classifier,
-    finetune_classifier,
-    layer_decay_scales,
-    load_classification_config,
-    prepare_classification_finetune,
-)
-from seqvision.eval.model_file import read_model_file
-from seqvision.eval.video_data import UnreadableDatasetError
-from seqvision.pretrain.loop import LoopConfig
+from seqvision.data.video import UnreadableDatasetError
+from seqvision.engine import LoopConfig
+from seqvision.engine.model_file import read_model_file
+from seqvision.eval.classification import evaluate as evaluate_classifier
+from seqvision.eval.classification import finetune as finetune_classifier
+from seqvision.eval.classification import load_config as load_classification_config
+from seqvision.eval.classification import prepare as prepare_classification_finetune
+from seqvision.eval.classification.finetune import ImageClassDataset, layer_decay_scales
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

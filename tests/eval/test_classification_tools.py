@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from seqvision.eval.class_metrics import (
+from seqvision.engine.model_file import read_model_file, save_model_file
+from seqvision.eval.classification.classifier import ClassifierWithLoss, classifier_forward
+from seqvision.eval.classification.metrics import (
     classification_report,
     confusion_matrix,
     save_confusion_figure,
     write_predictions_csv,
 )
-from seqvision.eval.classifier import ClassifierWithLoss, classifier_forward
-from seqvision.eval.model_file import read_model_file, save_model_file
 
 
 def test_report_matches_hand_computed_scores():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from seqvision.eval import AffinityLoss, AffinityModel, affinity_forward, affinity_targets
-from seqvision.pretrain import EMCropDataset, synthetic_em_volume
-from seqvision.pretrain.loop import LoopConfig, train
+from seqvision.data import EMCropDataset, synthetic_em_volume
+from seqvision.engine import LoopConfig, train
+from seqvision.eval.em import AffinityLoss, AffinityModel, affinity_forward, affinity_targets
 
 
 def test_targets_of_a_hand_made_volume():

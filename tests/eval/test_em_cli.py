@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-import seqvision.eval.em_segmentation as em_segmentation
+import seqvision.eval.em.infer as em_segmentation
 from seqvision.cli import main
-from seqvision.eval import SegmenterConfig, save_segmenter
-from seqvision.pretrain import LABELS_KEY, synthetic_em_volume, write_cremi
+from seqvision.data import LABELS_KEY, synthetic_em_volume, write_cremi
+from seqvision.eval.em import SegmenterConfig, save_segmenter
 
 SEGMENT = ["--window", "16", "32", "32", "--method", "skimage"]
 

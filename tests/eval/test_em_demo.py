@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from seqvision.cli import main
-from seqvision.eval.em_demo import QUICK, RESULTS_CSV, RESULTS_JSON
+from seqvision.eval.em.demo import QUICK, RESULTS_CSV, RESULTS_JSON
 
 LABELS = ("all one segment", "scratch", "TokenUnify-initialised", "true affinities (ceiling)")
 KEYS = ["one_segment", "scratch", "tokenunify", "true_affinities"]

@@ -8,17 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seqvision.cli import main
-from seqvision.eval import SegmenterConfig, load_segmenter
-from seqvision.eval.em_finetune import (
-    CONFIG_FILE,
-    SEGMENTER_FILE,
-    build_segmentation_dataset,
-    finetune_segmenter,
-    load_finetune_config,
-    prepare_finetune,
-)
-from seqvision.pretrain import synthetic_em_volume, write_cremi
-from seqvision.pretrain.loop import CheckpointManager, LoopConfig
+from seqvision.data import synthetic_em_volume, write_cremi
+from seqvision.engine import CONFIG_FILE, CheckpointManager, LoopConfig
+from seqvision.eval.em import SegmenterConfig, load_segmenter
+from seqvision.eval.em import finetune as finetune_segmenter
+from seqvision.eval.em import load_config as load_finetune_config
+from seqvision.eval.em import prepare as prepare_finetune
+from seqvision.eval.em.finetune import SEGMENTER_FILE, build_segmentation_dataset
 from seqvision.pretrain.train import ENCODER_FILE, load_config, pretrain
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from seqvision.eval import (
+from seqvision.eval.em import (
     adapted_rand_error,
     contingency_table,
     evaluate_segmentation,
@@ -93,7 +93,7 @@ def test_agrees_with_waterz_evaluate(capfd):
 
 
 def test_lazily_read_volumes_are_scored_in_slabs(tmp_path, monkeypatch):
-    import seqvision.eval.em_metrics as em_metrics
+    import seqvision.eval.em.metrics as em_metrics
 
     gt = random_labels((10, 12, 12), 9, seed=3)
     seg = random_labels((10, 12, 12), 4, seed=4)

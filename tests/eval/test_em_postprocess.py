@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-import seqvision.eval.em_postprocess as em_postprocess
-from seqvision.eval import (
+import seqvision.eval.em.postprocess as em_postprocess
+from seqvision.data import synthetic_em_volume
+from seqvision.eval.em import (
     affinity_targets,
     agglomerate,
     boundary_map,
@@ -16,8 +17,7 @@ from seqvision.eval import (
     watershed_fragments,
     waterz_available,
 )
-from seqvision.eval.em_postprocess import region_adjacency_edges
-from seqvision.pretrain import synthetic_em_volume
+from seqvision.eval.em.postprocess import region_adjacency_edges
 
 METHODS = ["waterz", "skimage"]
 
@@ -152,7 +152,7 @@ def test_without_waterz_auto_falls_back_to_the_numpy_merge(volume, monkeypatch, 
     expected = agglomerate(noisy, fragments, 0.5, method="skimage")[0]
     monkeypatch.setattr(em_postprocess, "_import_waterz", lambda: None)
     assert not waterz_available()
-    with caplog.at_level(logging.INFO, logger="seqvision.eval.em_postprocess"):
+    with caplog.at_level(logging.INFO, logger="seqvision.eval.em.postprocess"):
         result = agglomerate(noisy, fragments, 0.5)[0]
     np.testing.assert_array_equal(result, expected)
     assert "waterz is not installed" in caplog.text

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from seqvision.eval import (
+from seqvision.data import LazyVolume, open_volume
+from seqvision.eval.em import (
     CHECKPOINT_FORMAT,
     SegmenterConfig,
     load_segmenter,
@@ -18,7 +19,6 @@ from seqvision.eval import (
     save_segmentation_figure,
     save_segmenter,
 )
-from seqvision.pretrain import LazyVolume, open_volume
 from seqvision.utils.io import atomic_path
 
 

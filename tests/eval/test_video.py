@@ -19,17 +19,15 @@ import yaml
 from video_fixtures import write_corrupt_video, write_motion_video
 
 from seqvision.cli import main
-from seqvision.eval.model_file import MODEL_FILE, read_model_file
-from seqvision.eval.video import (
-    _source,
-    build_video_model,
-    evaluate_video,
-    finetune_video,
-    load_video_config,
-    prepare_video_finetune,
-)
-from seqvision.eval.video_data import UnreadableDatasetError
-from seqvision.pretrain.loop import LoopConfig
+from seqvision.data.video import UnreadableDatasetError
+from seqvision.engine import LoopConfig
+from seqvision.engine.model_file import MODEL_FILE, read_model_file
+from seqvision.eval.video import build_model as build_video_model
+from seqvision.eval.video import evaluate as evaluate_video
+from seqvision.eval.video import finetune as finetune_video
+from seqvision.eval.video import load_config as load_video_config
+from seqvision.eval.video import prepare as prepare_video_finetune
+from seqvision.eval.video.finetune import _source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

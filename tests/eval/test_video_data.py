@@ -27,8 +27,8 @@ from video_fixtures import (
     write_zero_frame_video,
 )
 
-from seqvision.eval import video_data
-from seqvision.eval.video_data import (
+from seqvision.data import video as video_data
+from seqvision.data.video import (
     UnreadableVideoError,
     VideoClipDataset,
     VideoRecord,
@@ -97,7 +97,7 @@ def test_csv_with_names_header_and_missing_file(tmp_path, caplog):
     listing.write_text(
         "path,label\nclips/0.mp4,swim\nclips/1.mp4, dive\n\nclips/2.mp4,swim\nclips/gone.mp4,dive\n"
     )
-    with caplog.at_level(logging.WARNING, logger="seqvision.eval.video_data"):
+    with caplog.at_level(logging.WARNING, logger="seqvision.data.video"):
         recs, classes = load_video_list(listing)
     assert classes == ["dive", "swim"]
     assert recs == [VideoRecord(videos[0], 1), VideoRecord(videos[1], 0), VideoRecord(videos[2], 1)]
@@ -165,7 +165,7 @@ def test_kinetics_annotation_csv(tmp_path, caplog):
         "abseiling,gone,1,11,train,0\n"
         "yoga,gone2,1,11,train,0\n"
     )
-    with caplog.at_level(logging.WARNING, logger="seqvision.eval.video_data"):
+    with caplog.at_level(logging.WARNING, logger="seqvision.data.video"):
         recs, classes = load_video_list(listing)
     # Classes come from every row, so ids do not depend on which videos were downloaded.
     assert classes == ["abseiling", "air drumming", "yoga", "zumba"]
@@ -321,7 +321,7 @@ def test_overreported_frame_count_is_clamped(videos, caplog):
     stale, *_ = decode_frames(path, lambda n: np.array([n - 1]), check_frame_count=False)
     assert frame_indices(stale, step=OVERREPORTED_STEP)[0] < 12  # frame 17 "is" an earlier frame
     dataset = VideoClipDataset(records(videos, "over"), num_frames=6, train=False, size=32, resize=32, **RAW)
-    with caplog.at_level(logging.WARNING, logger="seqvision.eval.video_data"):
+    with caplog.at_level(logging.WARNING, logger="seqvision.data.video"):
         item = dataset[0]
         dataset[0]
     assert item["valid"] == 1
@@ -510,7 +510,7 @@ def test_training_crop_and_flip_are_the_same_for_every_frame(videos):
 def test_unreadable_videos_are_skipped_warned_once_and_counted(videos, caplog):
     recs = records(videos, "long", "corrupt", "empty", "zero", "mkv")
     dataset = VideoClipDataset(recs, num_frames=4, size=16, max_unreadable_fraction=0.6, **RAW)
-    with caplog.at_level(logging.WARNING, logger="seqvision.eval.video_data"):
+    with caplog.at_level(logging.WARNING, logger="seqvision.data.video"):
         item = dataset[1]
         again = dataset[2]
         dataset[3]

@@ -1,13 +1,12 @@
 """selective_scan: the chunk form and the recurrent form against mamba-ssm's semantics written as a loop."""
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from seqvision.kernels import selective_scan
 from seqvision.kernels.check import relative_error
+from seqvision.kernels.selective_scan import reference
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -75,7 +74,7 @@ def chunk_path(request, monkeypatch):
     """Run the chunk form through both of its in-chunk paths: the log-depth scan (small states) and
     the step-by-step update (states of at least _STEPWISE_SLAB numbers, lowered here to 1)."""
     if request.param == "stepwise":
-        monkeypatch.setattr(importlib.import_module("seqvision.kernels.selective_scan"), "_STEPWISE_SLAB", 1)
+        monkeypatch.setattr(reference, "_STEPWISE_SLAB", 1)
     return request.param
 
 

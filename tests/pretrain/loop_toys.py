@@ -74,7 +74,7 @@ def evaluate_indices(accelerator, model, state, samples: int = 7) -> dict[str, f
     print them: every index must come back exactly once, on every process."""
     from torch.utils.data import DataLoader
 
-    from seqvision.pretrain.loop import gather_outputs
+    from seqvision.engine import gather_outputs
 
     loader = accelerator.prepare(DataLoader(ToyVolumes(samples), batch_size=2))
     gathered = gather_outputs(
@@ -93,7 +93,7 @@ def evaluate_indices(accelerator, model, state, samples: int = 7) -> dict[str, f
 def _main(output_dir: str, steps: int, batch_size: int) -> None:
     from accelerate.utils import set_seed
 
-    from seqvision.pretrain.loop import LoopConfig, train
+    from seqvision.engine import LoopConfig, train
 
     set_seed(0)
     config = LoopConfig(

@@ -11,7 +11,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from seqvision.pretrain import (
+from seqvision.data import (
     LABELS_KEY,
     RAW_KEY,
     EMAugment,

@@ -16,18 +16,18 @@ from accelerate.utils import set_seed
 from loop_toys import ToyMasked, ToyRegressor, ToyVolumes
 from safetensors.torch import load_file
 
-from seqvision.pretrain.loop import (
+from seqvision.engine import (
     CHECKPOINT_MARKER,
     CheckpointManager,
     LoopConfig,
     NonFiniteLossError,
-    _check_launch,
     build_optimizer,
     build_scheduler,
     lr_factor,
     lr_scale_of,
     train,
 )
+from seqvision.engine.loop import _check_launch
 
 TOYS = Path(__file__).with_name("loop_toys.py")
 
@@ -190,15 +190,19 @@ def test_after_optimizer_step_sees_every_applied_update_and_extra_state_is_check
 
     counter = Counter()
 
-    def count(model):
+    steps = []
+
+    def count(model, step):
         assert isinstance(model, ToyMasked)  # unwrapped
         counter.count += 1
+        steps.append(step)
 
     config = _config(tmp_path, steps=4, nan_policy="skip")
     train(
         ToyMasked(nan_at=(1,)), ToyVolumes(), config, after_optimizer_step=count, checkpoint_objects=[counter]
     )
     assert counter.count == 3  # step 2 (index 1) was skipped: no update, no call
+    assert steps == [1, 3, 4]
     restored = Counter()
     more = _config(tmp_path, steps=5, nan_policy="skip")
     train(ToyMasked(), ToyVolumes(), more, resume="latest", checkpoint_objects=[restored])

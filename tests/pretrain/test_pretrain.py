@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import seqvision  # noqa: F401  (registers the emmamba_* encoders in timm)
 from seqvision.cli import main
-from seqvision.pretrain.loop import CHECKPOINT_MARKER, CheckpointManager, LoopConfig
+from seqvision.engine import CHECKPOINT_MARKER, CheckpointManager, LoopConfig
 from seqvision.pretrain.tokenunify import TokenUnify
 from seqvision.pretrain.train import CONFIG_FILE, ENCODER_FILE, build_dataset, load_config, pretrain
 
@@ -69,7 +69,7 @@ def test_accelerate_configs_load_and_fsdp_finds_the_encoder_stages():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    from seqvision.pretrain.loop import _inherit_no_split_modules
+    from seqvision.engine.loop import _inherit_no_split_modules
     from seqvision.vision.em import EMMambaStage
 
     kinds = {p.stem: load_config_from_file(str(p)) for p in (ROOT / "configs" / "accelerate").glob("*.yaml")}
@@ -101,14 +101,30 @@ def test_config_overrides_and_errors(tmp_path, capsys):
     assert "unknown training option(s) ['stpes']" in capsys.readouterr().err
 
 
+def test_a_missing_or_corrupt_volume_is_one_line_before_any_training(tmp_path, capsys):
+    # The volumes are opened when the job is prepared, as every other command checks its inputs.
+    missing = tmp_path / "missing.h5"
+    output = tmp_path / "run"
+    args = ["pretrain", "--config", str(TINY), "--output-dir", str(output)]
+    assert main([*args, "--set", f'data.volumes=["{missing}"]']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seqvision pretrain:" in err and str(missing) in err
+    corrupt = tmp_path / "corrupt.h5"
+    corrupt.write_bytes(b"this is not an HDF5 file")
+    assert main([*args, "--set", f'data.volumes=["{corrupt}"]']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(corrupt) in err
+    assert not output.exists()  # nothing started: no run folder, no checkpoint
+
+
 def test_cli_exits_with_1_and_names_the_step_on_a_nan_loss(monkeypatch, capsys):
     import seqvision.pretrain.train as train_module
-    from seqvision.pretrain.loop import NonFiniteLossError
+    from seqvision.engine import NonFiniteLossError
 
     def diverge(*args, **kwargs):
         raise NonFiniteLossError(12, "loss is nan (micro-batch 1 of 1)", None)
 
-    monkeypatch.setattr(train_module, "pretrain", diverge)
+    monkeypatch.setattr(train_module, "run", diverge)  # after prepare: the config and data are fine
     assert main(["pretrain", "--config", str(TINY)]) == 1
     assert "loss is nan (micro-batch 1 of 1) at step 12" in capsys.readouterr().err
 
@@ -186,10 +202,10 @@ def test_two_gloo_processes_under_torchrun_pretrain_and_export(tmp_path):
 
 _KILL_WHILE_SAVING = """
 import os, signal, sys
-import seqvision.pretrain.loop as loop
+import seqvision.engine.checkpoint as checkpoint
 from seqvision.pretrain.train import pretrain
 
-write_json = loop._write_json
+write_json = checkpoint._write_json
 
 def write_json_then_die(path, values):
     # Step 3's files are in its temporary folder, its marker not yet: die as a preempted job would.
@@ -197,7 +213,7 @@ def write_json_then_die(path, values):
         os.kill(os.getpid(), signal.SIGKILL)
     write_json(path, values)
 
-loop._write_json = write_json_then_die
+checkpoint._write_json = write_json_then_die
 pretrain(sys.argv[1], output_dir=sys.argv[2], overrides=sys.argv[3:])
 """
 

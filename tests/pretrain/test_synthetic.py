@@ -5,7 +5,7 @@ import pytest
 from scipy.ndimage import binary_dilation
 
 from seqvision.cli import main
-from seqvision.pretrain import EMCropDataset, read_labels, read_volume, synthetic_em_volume
+from seqvision.data import EMCropDataset, read_labels, read_volume, synthetic_em_volume
 
 SHAPE = (12, 96, 96)
 
