@@ -161,13 +161,79 @@ def test_count_ops_gives_the_analytic_numbers():
 
 
 def test_gpu_report_formats_and_plots_kernels_gpu_rows(tmp_path):
-    # The CUDA path's own code (the table and the plot over kernels_gpu.py's rows), without a GPU.
+    # The CUDA path's own code (the table, the targets and the plot over kernels_gpu.py's rows),
+    # without a GPU.
     script = kernels.load_gpu_script()
     rows = [
-        script._row("linear_attention", "per-key, bfloat16", L, 65536 // L, 1.0, 2.0, 8.0)
+        script._row("linear_attention", "8 x 64, per-key, bfloat16", L, 65536 // L, 1.0, 2.0, 0.5, 1.0,
+                    "fla chunk_gla", 2.0, 8.0, bandwidth=4e12)
         for L in (1024, 4096)
-    ]
+    ] + [
+        script._row("cross_scan", "(B, 96, 32, 32) -> 4 routes, float32", 1024, 64, 0.1, 0.2, 0.09, 0.18),
+        script._row("cross_scan", "(B, 96, 64, 64) -> 4 routes, float32", 4096, 16, math.nan, math.nan,
+                    status="failed: OutOfMemoryError: CUDA out of memory"),
+    ]  # fmt: skip
     table = kernels.format_gpu_table(rows)
-    assert "4.00x" in table and "linear_attention" in table
+    assert "4.00x" in table and "50 %" in table and "linear_attention" in table
+    assert "fwd >= 85 % of copy bandwidth: met" in table and "failed: OutOfMemoryError" in table
+    targets = kernels.gpu_targets(rows)
+    assert targets[0].startswith("MET where measured: cross_scan") and "L=1024: 90 %" in targets[0]
+    assert targets[1].startswith("MET: linear_attention") and targets[2].startswith(
+        "MET: linear_attention: goal"
+    )
     kernels.plot_gpu(rows, tmp_path / "kernels_gpu.png", "test")
     assert (tmp_path / "kernels_gpu.png").stat().st_size > 10_000
+
+
+def _out_of_memory_above_two(model, x):
+    """A model call that runs out of memory for batches above 2 (top level: it is pickled)."""
+    if x.shape[0] > 2:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    return model(x)
+
+
+def test_fill_halves_the_batch_on_out_of_memory(one_thread):
+    spec = models.ModelSpec("vit_tiny_patch16_224", "vit_tiny_patch16_224", call=_out_of_memory_above_two)
+    measured = models.measure_cell(spec, 32, 8, "eval", "cpu", 1, 1, False, fill=True)
+    assert measured["batch"] == 2 and measured["reason"] == "batch 8 ran out of memory, halved to 2"
+    assert measured["images_per_s"] == pytest.approx(2 / measured["time_s"])
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # without fill an out-of-memory cell fails
+        models.measure_cell(spec, 32, 8, "eval", "cpu", 1, 1, False)
+
+
+def test_fill_start_fits_the_estimates_and_ratios_compare_per_image():
+    done = {"model": "m", "mode": "eval", "status": "ok", "img_size": 224, "batch": 256,
+            "weights_mib": 0.0, "peak_mib": 1024.0, "time_s": 0.1}  # fmt: skip
+    row = dict(done, img_size=896, batch=256, batch_start=256, status="")  # 16x the pixels
+    assert models._fill_start(row, [done], max_memory_gib=math.inf, max_call_s=1.0) == 128  # 0.8 s
+    assert models._fill_start(row, [done], max_memory_gib=2.0, max_call_s=math.inf) == 32  # 2 GiB
+    assert models._fill_start(dict(row, batch_start=100), [], math.inf, math.inf) == 64  # a power of 2
+    assert models._fill_start(row, [done], max_memory_gib=0.01, max_call_s=math.inf) == 1
+    rows = [
+        dict.fromkeys(models.ROW_KEYS, math.nan)
+        | {"model": m, "img_size": 896, "batch": b, "batch_start": 256, "mode": "eval", "status": "ok",
+           "images_per_s": ips, "peak_mib": peak, "gflops_per_image": 1.0}
+        for m, b, ips, peak in (("peer", 64, 100.0, 6400.0), ("ours", 16, 250.0, 800.0))
+    ]  # fmt: skip
+    models._add_ratios(rows, "peer")
+    assert rows[1]["throughput_vs_peer"] == 2.5 and rows[1]["memory_vs_peer"] == 0.5  # 50 vs 100 MiB/image
+    lines = models.model_targets(
+        [dict(rows[1], model="vir_small_patch16_224", img_size=896)], "vit_small_patch16_224"
+    )
+    assert lines == [
+        "MET: vir_small_patch16_224 eval vs vit_small_patch16_224 at 896 px >= 2.0x: 2.50x (batch 16)"
+    ]
+
+
+def test_bench_models_fill_batch_runs_and_records_the_batch(tmp_path, capsys):
+    argv = ["bench", "models", "--models", "vir_tiny_patch16_224", "--peer", "vit_tiny_patch16_224",
+            "--sizes", "32", "--modes", "eval", "--fill-batch", "3", "--repeats", "1", "--threads", "1",
+            "--no-flops", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    rows = _csv(tmp_path / "bench_models.csv")
+    assert [(r["model"], r["batch"], r["batch_start"], r["fill"], r["status"]) for r in rows] == [
+        ("vit_tiny_patch16_224", "2", "3", "True", "ok"), ("vir_tiny_patch16_224", "2", "3", "True", "ok"),
+    ]  # fmt: skip
+    assert "halved on out-of-memory" in capsys.readouterr().out
+    assert main([*argv[:-2], "--batch-sizes", "2", "--out", str(tmp_path)]) == 2
+    assert "--fill-batch and --batch-sizes exclude each other" in capsys.readouterr().err

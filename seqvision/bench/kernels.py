@@ -11,8 +11,10 @@ allocated. Time is the median of ``repeats`` runs after one warm-up run (a singl
 over 5 s). Ratios are taken against the recurrent (and the parallel) form measured in the same run.
 
 CUDA (``run_gpu``): the correctness checks and the timing of ``benchmarks/kernels_gpu.py`` (Triton
-kernels against the PyTorch chunk form and against flash-linear-attention / mamba-ssm where they
-import), loaded from the source tree this package belongs to; its logic is not repeated here.
+kernels against their memory floor, the bytes they must move at the copy bandwidth measured in the
+same run, and against flash-linear-attention / mamba-ssm where they import, with issue 19's targets
+marked met or missed), loaded from the source tree this package belongs to; its logic is not repeated
+here.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "format_cpu_table",
     "format_gpu_table",
     "format_kernels_report",
+    "gpu_targets",
     "gpu_unavailable",
     "load_gpu_script",
     "make_inputs",
@@ -268,13 +271,22 @@ def gpu_unavailable(smoke: bool = False) -> str | None:
 
 
 def run_gpu(
-    lengths: Sequence[int], tokens: int, *, smoke: bool = False, check: bool = True
+    lengths: Sequence[int],
+    tokens: int,
+    *,
+    smoke: bool = False,
+    check: bool = True,
+    head_dims: Sequence[int] | None = None,
+    reference: bool = False,
+    on_length=None,
 ) -> tuple[list[dict], list[dict], str]:
     """The correctness rows (``check``), the timing rows and the device name, from kernels_gpu.py.
 
-    On CUDA it times at ``lengths`` with batch x L = ``tokens``. Without CUDA it runs only under
-    Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), and then only the
-    ``smoke`` timing: tiny shapes whose numbers mean nothing, to prove the code runs.
+    On CUDA it times at ``lengths`` with batch x L = ``tokens``, linear_attention at ``head_dims``
+    (default 64 and 128), and with ``reference`` the PyTorch chunk forms too; ``on_length`` gets the
+    rows so far after each length. Without CUDA it runs only under Triton's interpreter
+    (TRITON_INTERPRET=1 before triton is imported), and then only the ``smoke`` timing: tiny shapes
+    whose numbers mean nothing, to prove the code runs.
     """
     from seqvision.kernels import triton_interpreted
 
@@ -287,38 +299,35 @@ def run_gpu(
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     checks = script.check(device) if check else []
     if smoke:  # the same tiny shapes as `kernels_gpu.py --smoke`
-        lengths, tokens = [16, 40], 40
-    timings = script.time_kernels(list(lengths), tokens, device, small=smoke)
+        lengths, tokens, head_dims = [16, 40], 40, None
+    timings = script.time_kernels(
+        list(lengths), tokens, device, small=smoke, head_dims=head_dims, reference=reference,
+        on_length=on_length,
+    )  # fmt: skip
     return checks, timings, name
 
 
 def format_gpu_table(timings: Sequence[dict]) -> str:
-    """kernels_gpu.py's table: fwd and fwd+bwd ms, the ratio to the PyTorch chunk form and to the peer."""
+    """kernels_gpu.py's table: fwd and fwd+bwd ms, the fractions of the memory floor, the peer, the
+    issue's target per row (met / missed), and the copy bandwidth the floor divides by."""
     return load_gpu_script()._format_timings(list(timings))
+
+
+def gpu_targets(timings: Sequence[dict]) -> list[str]:
+    """kernels_gpu.py's summary: one MET / MISSED / NOT MEASURED line per target of issue 19."""
+    return load_gpu_script().target_summary(list(timings))
 
 
 def format_checks(checks: Sequence[dict]) -> str:
     """The correctness rows as a markdown table and a count of those within tolerance."""
-    table = [
-        (
-            r["op"],
-            r["dtype"],
-            f"{r['max_rel_error']:.2e}",
-            f"{r['tolerance']:.0e}",
-            "ok" if r["ok"] else "FAIL",
-        )
-        for r in checks
-    ]
-    failed = sum(not r["ok"] for r in checks)
-    header = ("kernel", "dtype", "max rel. error (output, grads)", "tolerance", "")
-    summary = f"{len(checks) - failed} of {len(checks)} kernel checks within tolerance"
-    return markdown_table(header, table) + "\n" + summary
+    return load_gpu_script().format_checks(list(checks))
 
 
 def plot_gpu(timings: Sequence[dict], path: Path, device_name: str) -> None:
-    """fwd+bwd time against L per operator: each Triton variant (solid), its PyTorch chunk form
-    (dashed) and its peer kernel where one ran (dotted)."""
+    """fwd+bwd time against L per operator: each Triton variant (solid), its memory floor (dashed)
+    and its peer kernel where one ran (dotted)."""
     plt = agg_pyplot()
+    timings = [r for r in timings if r["status"] == "ok"]
     ops = list(dict.fromkeys(r["op"] for r in timings))
     cols = 2
     n_rows = max(1, math.ceil(len(ops) / cols))
@@ -331,10 +340,13 @@ def plot_gpu(timings: Sequence[dict], path: Path, device_name: str) -> None:
             Ls = [r["L"] for r in rs]
             (line,) = ax.loglog(Ls, [r["fwd_bwd_ms"] for r in rs], "o-", label=f"triton {variant}")
             color = line.get_color()
-            ax.loglog(Ls, [r["reference_fwd_bwd_ms"] for r in rs], "s--", color=color, label="PyTorch chunk")
+            ax.loglog(Ls, [r["floor_fwd_bwd_ms"] for r in rs], "s--", color=color, label="memory floor")
             peer = [r["peer_fwd_bwd_ms"] for r in rs]
             if not all(math.isnan(p) for p in peer):
                 ax.loglog(Ls, peer, "^:", color=color, label=rs[0]["peer"])
+            reference = [r["reference_fwd_bwd_ms"] for r in rs]
+            if not all(math.isnan(t) for t in reference):
+                ax.loglog(Ls, reference, "x-.", color=color, alpha=0.5, label="PyTorch chunk")
         ax.set_title(f"{op}: fwd+bwd ms (batch x L constant)")
         ax.set_xlabel("sequence length L")
         ax.grid(True, which="both", alpha=0.3)
@@ -361,13 +373,24 @@ def bench_kernels_cpu(
 
 
 def bench_kernels_gpu(
-    lengths: Sequence[int], tokens: int, out: Path, *, smoke: bool = False, check: bool = True
+    lengths: Sequence[int],
+    tokens: int,
+    out: Path,
+    *,
+    smoke: bool = False,
+    check: bool = True,
+    head_dims: Sequence[int] | None = None,
+    reference: bool = False,
 ) -> tuple[list[dict], list[dict], str, dict[str, Path]]:
-    """``run_gpu`` and its CSV + PNG (``kernels_gpu.csv`` / ``.png`` under ``out``, atomically)."""
+    """``run_gpu`` and its CSV + PNG (``kernels_gpu.csv`` / ``.png`` under ``out``, atomically; the
+    CSV is rewritten after every length, so a run cut short keeps what it measured)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    checks, timings, name = run_gpu(lengths, tokens, smoke=smoke, check=check)
     files = {"csv": out / "kernels_gpu.csv", "png": out / "kernels_gpu.png"}
+    checks, timings, name = run_gpu(
+        lengths, tokens, smoke=smoke, check=check, head_dims=head_dims, reference=reference,
+        on_length=lambda rows: write_csv_atomic(rows, files["csv"]),
+    )  # fmt: skip
     write_csv_atomic(timings, files["csv"])
     plot_gpu(timings, files["png"], name)
     if checks:
@@ -429,17 +452,22 @@ def bench_kernels(
     tokens: int = 65536,
     smoke: bool = False,
     check: bool = True,
+    head_dims: Sequence[int] | None = None,
+    reference: bool = False,
 ) -> KernelsReport:
     """The CPU forms (``device="cpu"``) or the Triton kernels (``"cuda"``), with their CSV and PNG.
 
-    ``lengths`` default to 1024, 4096, 16384 (CPU) and 1024 ... 65536 (CUDA). ``smoke``: 64 and 128
-    with one repeat on the CPU, kernels_gpu.py's tiny shapes without the checks on CUDA.
+    ``lengths`` default to 1024, 4096, 16384 (CPU) and 256, 1024, ..., 65536 (CUDA); ``head_dims``
+    (CUDA, linear_attention) to 64 and 128; ``reference`` (CUDA) adds the PyTorch chunk forms' times.
+    ``smoke``: 64 and 128 with one repeat on the CPU, kernels_gpu.py's tiny shapes without the checks
+    on CUDA.
     """
     if device == "cuda":
-        lengths = lengths or [1024, 4096, 16384, 65536]
+        lengths = lengths or [256, 1024, 4096, 16384, 65536]
         checks, timings, name, files = bench_kernels_gpu(
-            lengths, tokens, out, smoke=smoke, check=check and not smoke
-        )
+            lengths, tokens, out, smoke=smoke, check=check and not smoke, head_dims=head_dims,
+            reference=reference,
+        )  # fmt: skip
         return KernelsReport("cuda", name, files, checks=checks, gpu_rows=timings)
     from seqvision.bench.measure import cpu_name
 
@@ -455,7 +483,7 @@ def format_kernels_report(report: KernelsReport) -> str:
         if report.checks:
             lines.append(format_checks(report.checks))
         lines.append(format_gpu_table(report.gpu_rows))
-        lines.append("targets: " + "; ".join(f"{op}: {t}" for op, t in load_gpu_script().TARGETS.items()))
+        lines += ["targets (issue 19):", *gpu_targets(report.gpu_rows)]
     else:
         lines = [f"{report.device_name}: " + cpu_header(report.threads), format_cpu_table(report.cpu_rows)]
         lines += cpu_targets(report.cpu_rows)

@@ -32,12 +32,20 @@ linearly in batch x pixels (an underestimate for quadratic attention); a cell es
 ``max_memory_gib`` (weights + peak) or ``max_call_s`` is skipped, as is one at least as large as a
 cell of the same model and mode that ran out of memory. A cell that fails is reported as ``oom`` or
 ``failed`` with its reason; the sweep goes on.
+
+Filling the card (``fill=True``, ``seqvision bench models --fill-batch START``): each (model, size,
+mode) cell picks its own batch, the largest power of two up to START whose estimated memory and call
+time (as above) fit the limits, and halves it inside the cell on out-of-memory until it runs; the
+batch it ran with is the row's ``batch`` (``batch_start`` is START). Ratios then compare throughput
+(images per second) at each model's own batch, and memory per image. Every sweep gives
+``memory_vs_peer`` per image, which at equal batches is the plain ratio.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 import logging
 import math
@@ -69,6 +77,7 @@ from seqvision.utils.io import save_figure_atomic, write_csv_atomic
 __all__ = [
     "DEFAULT_MODELS",
     "DEFAULT_PEER",
+    "MODEL_TARGETS",
     "MODES",
     "SMOKE",
     "ModelSpec",
@@ -79,6 +88,7 @@ __all__ = [
     "default_limits",
     "format_report",
     "measure_cell",
+    "model_targets",
     "parse_spec",
     "plot_models",
     "resolve_device",
@@ -96,7 +106,8 @@ MODES = ("eval", "train")
 BUSY_WARNING = 0.1  # CPU use by other processes above which the report warns that times are noisy
 # The columns of every result row, in CSV order; cells that did not run keep NaN in the numbers.
 ROW_KEYS = (
-    "model", "timm_name", "call", "created_with", "device", "mode", "batch", "img_size", "tokens",
+    "model", "timm_name", "call", "created_with", "device", "mode", "batch", "batch_start", "fill",
+    "img_size", "tokens",
     "threads", "status", "reason", "weights_mib", "time_s", "images_per_s", "peak_mib",
     "gflops_per_image", "elementwise_gops_per_image", "peer", "throughput_vs_peer", "memory_vs_peer",
     "flops_vs_peer",
@@ -381,26 +392,67 @@ def measure_cell(
     repeats: int,
     threads: int,
     with_ops: bool,
+    fill: bool = False,
 ) -> dict:
     """Run in a child process: time and peak memory of one cell, and (``with_ops``) its operations.
 
-    Returns the measured fields of a result row (see ``ROW_KEYS``).
+    With ``fill``, a batch that runs out of memory is halved (down to 1) and tried again in the same
+    process; the batch that ran is returned as ``batch``. Returns the measured fields of a result row
+    (see ``ROW_KEYS``).
     """
     torch.set_num_threads(threads)
     import_seqvision()  # in every child alike, so all models run in the same kind of process
     torch.manual_seed(0)
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
     model, created_with = create_model(spec.model_name, img_size)
     if spec.required and not hasattr(model, spec.required):
         raise TypeError(f"{spec.label}: {type(model).__name__} has no {spec.required}()")
     if spec.prepare is not None:
         spec.prepare(model)
     model.to(dev).train(mode == "train")
-    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(dev)
-    labels = torch.arange(batch, device=dev)  # reduced modulo the classes at the first call
     weights = itertools.chain(model.parameters(), model.buffers())
     weights_mib = sum(t.numel() * t.element_size() for t in weights) / 2**20
+    first_batch, note = batch, ""
+    while True:
+        try:
+            time_s, peak = _measure_batch(spec, model, img_size, batch, mode, dev, repeats)
+            break
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            if not fill or batch == 1:
+                raise
+        # Outside the except block, so the failed attempt's frames (and tensors) are gone.
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        batch //= 2
+        note = f"batch {first_batch} ran out of memory, halved to {batch}"
+    ops = None
+    if with_ops:
+        image = torch.randn(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(dev)
+        ops = count_ops(model, image, spec.call)
+    return {
+        "created_with": created_with,
+        "tokens": _patch_tokens(model, img_size),
+        "batch": batch,
+        "reason": note,
+        "weights_mib": weights_mib,
+        "time_s": time_s,
+        "images_per_s": batch / time_s,
+        "peak_mib": peak / 2**20,
+        "gflops_per_image": ops.flops / 1e9 if ops else NAN,
+        "elementwise_gops_per_image": ops.elementwise / 1e9 if ops else NAN,
+    }
+
+
+def _measure_batch(
+    spec: ModelSpec, model: torch.nn.Module, img_size: int, batch: int, mode: str, dev: torch.device,
+    repeats: int,
+) -> tuple[float, float]:  # fmt: skip
+    """(median seconds per call, peak bytes above the baseline) of ``batch`` images through ``model``."""
+    cuda = dev.type == "cuda"
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(dev)
+    labels = torch.arange(batch, device=dev)  # reduced modulo the classes at the first call
 
     if mode == "eval":
 
@@ -443,17 +495,7 @@ def measure_cell(
     else:
         time_s = median_time(synced_step, repeats, first)
         peak = memory_kib()[0] * 1024 - baseline  # the peak over the warm-up and the timed calls
-    ops = count_ops(model, x[:1], spec.call) if with_ops else None
-    return {
-        "created_with": created_with,
-        "tokens": _patch_tokens(model, img_size),
-        "weights_mib": weights_mib,
-        "time_s": time_s,
-        "images_per_s": batch / time_s,
-        "peak_mib": peak / 2**20,
-        "gflops_per_image": ops.flops / 1e9 if ops else NAN,
-        "elementwise_gops_per_image": ops.elementwise / 1e9 if ops else NAN,
-    }
+    return time_s, peak
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,13 +503,26 @@ def measure_cell(
 # ------------------------------------------------------------------------------------------------
 
 
-def _blank_row(spec: ModelSpec, size: int, batch: int, mode: str, device: str, threads: int) -> dict:
+def _blank_row(
+    spec: ModelSpec, size: int, batch: int, mode: str, device: str, threads: int, fill: bool = False
+) -> dict:
     row = dict.fromkeys(ROW_KEYS, NAN)
     row.update(
         model=spec.label, timm_name=spec.model_name, call=spec.description, created_with="", device=device,
-        mode=mode, batch=batch, img_size=size, tokens=None, threads=threads, status="", reason="", peer="",
+        mode=mode, batch=batch, batch_start=batch, fill=fill, img_size=size, tokens=None, threads=threads,
+        status="", reason="", peer="",
     )  # fmt: skip
     return row
+
+
+def _fill_start(row: dict, done: list[dict], max_memory_gib: float, max_call_s: float) -> int:
+    """The batch a ``fill`` cell starts from: the largest power of two up to ``row["batch_start"]``
+    whose memory and call time, estimated from the measured cells (``_skip_reason``), fit the limits;
+    1 when none does (``_skip_reason`` then says why the cell is skipped)."""
+    batch = 1 << (row["batch_start"].bit_length() - 1)
+    while batch > 1 and _skip_reason(dict(row, batch=batch), done, max_memory_gib, max_call_s):
+        batch //= 2
+    return batch
 
 
 def _work(row: dict) -> int:
@@ -520,12 +575,16 @@ def run_sweep(
     count_operations: bool = True,
     report: Callable[[str], None] | None = None,
     progress: bool = True,
+    fill: bool = False,
+    on_cell: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Measure every (spec, size, batch, mode) cell, each in a fresh process; return one row per cell.
 
     ``peer`` is the label of the spec the ratio columns divide by (it must be among ``specs``).
     ``report`` receives one line per skipped or failed cell as it happens (default: the log).
-    Operations are counted once per (spec, size), in its first cell that runs.
+    Operations are counted once per (spec, size), in its first cell that runs. With ``fill`` each
+    batch size is a start that every cell fits to the card (module docstring). ``on_cell`` gets the
+    rows so far (ratios included) after every cell.
     """
     from tqdm import tqdm
 
@@ -545,30 +604,46 @@ def run_sweep(
     with tqdm(cells, desc="bench models", unit="cell", disable=not progress) as bar:
         for spec, size, batch, mode in bar:
             bar.set_postfix_str(f"{spec.label} {size}px b{batch} {mode}")
-            row = _blank_row(spec, size, batch, mode, device, threads)
+            row = _blank_row(spec, size, batch, mode, device, threads, fill)
             rows.append(row)
-            reason = None if spec.trainable or mode == "eval" else f"{spec.description} is inference-only"
-            reason = reason or _skip_reason(row, rows[:-1], max_memory_gib, max_call_s)
-            if reason:
-                row.update(status="skipped", reason=reason)
-                report(f"skipped {spec.label} {size} px batch {batch} {mode}: {reason}")
-                continue
-            with_ops = count_operations and (spec.label, size) not in counted
-            try:
-                measured = run_in_fresh_process(
-                    measure_cell, spec, size, batch, mode, device, repeats, threads, with_ops
-                )
-            except Exception as e:  # one failed cell must not end the sweep
-                status, reason = _failure(e)
-                row.update(status=status, reason=reason)
-                report(f"{status} {spec.label} {size} px batch {batch} {mode}: {reason}")
-                continue
-            row.update(measured, status="ok")
-            if with_ops:
-                counted.add((spec.label, size))
+            _measure_row(row, spec, rows[:-1], counted, device, repeats, threads, max_memory_gib, max_call_s,
+                         count_operations, fill, report)  # fmt: skip
+            if on_cell is not None:
+                _share_ops(rows)
+                _add_ratios(rows, peer)
+                on_cell(rows)
     _share_ops(rows)
     _add_ratios(rows, peer)
     return rows
+
+
+def _measure_row(row, spec, done, counted, device, repeats, threads, max_memory_gib, max_call_s,
+                 count_operations, fill, report) -> None:  # fmt: skip
+    """Run (or skip) one cell and fill its row in place."""
+    size, mode = row["img_size"], row["mode"]
+    if fill:
+        row["batch"] = _fill_start(row, done, max_memory_gib, max_call_s)
+    reason = None if spec.trainable or mode == "eval" else f"{spec.description} is inference-only"
+    reason = reason or _skip_reason(row, done, max_memory_gib, max_call_s)
+    if reason:
+        row.update(status="skipped", reason=reason)
+        report(f"skipped {spec.label} {size} px batch {row['batch']} {mode}: {reason}")
+        return
+    with_ops = count_operations and (spec.label, size) not in counted
+    try:
+        measured = run_in_fresh_process(
+            measure_cell, spec, size, row["batch"], mode, device, repeats, threads, with_ops, fill
+        )
+    except Exception as e:  # one failed cell must not end the sweep
+        status, reason = _failure(e)
+        row.update(status=status, reason=reason)
+        report(f"{status} {spec.label} {size} px batch {row['batch']} {mode}: {reason}")
+        return
+    row.update(measured, status="ok")
+    if measured["reason"]:
+        report(f"{spec.label} {size} px {mode}: {measured['reason']}")
+    if with_ops:
+        counted.add((spec.label, size))
 
 
 def _share_ops(rows: list[dict]) -> None:
@@ -588,13 +663,17 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _add_ratios(rows: list[dict], peer: str) -> None:
-    by_key = {(r["model"], r["img_size"], r["batch"], r["mode"]): r for r in rows}
+    # Cells are paired by their requested batch (with fill, each model ran its own batch).
+    by_key = {(r["model"], r["img_size"], r["batch_start"], r["mode"]): r for r in rows}
     for r in rows:
         r["peer"] = peer
-        ref = by_key.get((peer, r["img_size"], r["batch"], r["mode"]))
+        ref = by_key.get((peer, r["img_size"], r["batch_start"], r["mode"]))
         ok = ref is not None and ref["status"] == "ok" and r["status"] == "ok"
         r["throughput_vs_peer"] = _ratio(r["images_per_s"], ref["images_per_s"]) if ok else NAN
-        r["memory_vs_peer"] = _ratio(r["peak_mib"], ref["peak_mib"]) if ok else NAN
+        if ok:  # per image: the plain ratio at equal batches
+            r["memory_vs_peer"] = _ratio(r["peak_mib"] / r["batch"], ref["peak_mib"] / ref["batch"])
+        else:
+            r["memory_vs_peer"] = NAN
         has_ops = ref is not None
         r["flops_vs_peer"] = _ratio(r["gflops_per_image"], ref["gflops_per_image"]) if has_ops else NAN
 
@@ -621,12 +700,12 @@ def scaling_exponents(rows: Sequence[dict]) -> list[dict]:
         last = next(r for r in mine if r["img_size"] == s1)
         for key, name in (("gflops_per_image", "flops"), ("elementwise_gops_per_image", "elementwise")):
             entry[f"{name}_exponent"] = _slope(s0**2, first[key], s1**2, last[key])
-        for mode, batch in dict.fromkeys((r["mode"], r["batch"]) for r in mine):
-            at = {r["img_size"]: r for r in mine if (r["mode"], r["batch"]) == (mode, batch)}
+        for mode, batch, fill in dict.fromkeys((r["mode"], r["batch_start"], r["fill"]) for r in mine):
+            at = {r["img_size"]: r for r in mine if (r["mode"], r["batch_start"]) == (mode, batch)}
             a, b = at.get(s0), at.get(s1)
             ok = a and b and a["status"] == "ok" and b["status"] == "ok"
             seconds = _slope(s0**2, 1 / a["images_per_s"], s1**2, 1 / b["images_per_s"]) if ok else NAN
-            entry[f"time_exponent_{mode}_b{batch}"] = seconds
+            entry[f"time_exponent_{mode}_{'fill' if fill else 'b'}{batch}"] = seconds
         out.append(entry)
     return out
 
@@ -643,7 +722,8 @@ def _fmt(value: float, spec: str, suffix: str = "") -> str:
 def _table_order(rows: Sequence[dict], peer: str) -> list[dict]:
     labels = list(dict.fromkeys([peer, *(r["model"] for r in rows)]))
     return sorted(
-        rows, key=lambda r: (MODES.index(r["mode"]), r["batch"], r["img_size"], labels.index(r["model"]))
+        rows,
+        key=lambda r: (MODES.index(r["mode"]), r["batch_start"], r["img_size"], labels.index(r["model"])),
     )
 
 
@@ -672,7 +752,7 @@ def format_exponents(exponents: Sequence[dict]) -> str:
         "px",
         "FLOPs",
         "elementwise ops",
-        *(f"time {k[14:].replace('_b', ' b')}" for k in timings),
+        *(f"time {k[14:].replace('_b', ' b').replace('_fill', ' batch filled from ')}" for k in timings),
     )
     table = [
         (e["model"], f"{e['from_px']}->{e['to_px']}", _fmt(e["flops_exponent"], ".2f"),
@@ -690,8 +770,11 @@ def plot_models(rows: Sequence[dict], path: Path, title: str) -> None:
 
     ok = [r for r in rows if r["status"] == "ok"]
     combos = list(
-        dict.fromkeys((r["mode"], r["batch"]) for r in sorted(ok, key=lambda r: (r["mode"], r["batch"])))
+        dict.fromkeys(
+            (r["mode"], r["batch_start"]) for r in sorted(ok, key=lambda r: (r["mode"], r["batch_start"]))
+        )
     )
+    filled = any(r["fill"] for r in rows)
     with_ops = [r for r in rows if not math.isnan(r["gflops_per_image"])]
     panel_rows = len(combos) + (1 if with_ops else 0)
     fig, axes = plt.subplots(max(panel_rows, 1), 2, figsize=(12, 4 * max(panel_rows, 1)), squeeze=False)
@@ -699,15 +782,16 @@ def plot_models(rows: Sequence[dict], path: Path, title: str) -> None:
     sizes = sorted({r["img_size"] for r in rows})
     for i, (mode, batch) in enumerate(combos):
         for label in labels:
-            rs = sorted((r for r in ok if (r["model"], r["mode"], r["batch"]) == (label, mode, batch)),
+            rs = sorted((r for r in ok if (r["model"], r["mode"], r["batch_start"]) == (label, mode, batch)),
                         key=lambda r: r["img_size"])  # fmt: skip
             if rs:
                 xs = [r["img_size"] for r in rs]
                 axes[i, 0].loglog(xs, [r["images_per_s"] for r in rs], "o-", label=label)
                 # log axes cannot show 0 or below; a peak that small is noise anyway
                 axes[i, 1].loglog(xs, [max(r["peak_mib"], 1e-2) for r in rs], "o-", label=label)
-        axes[i, 0].set_title(f"throughput (images/s), {mode}, batch {batch}")
-        axes[i, 1].set_title(f"peak memory above the weights (MiB), {mode}, batch {batch}")
+        which = f"batch filled from {batch}" if filled else f"batch {batch}"
+        axes[i, 0].set_title(f"throughput (images/s), {mode}, {which}")
+        axes[i, 1].set_title(f"peak memory above the weights (MiB), {mode}, {which}")
     if with_ops:
         exponents = {e["model"]: e for e in scaling_exponents(rows)}
         for label in labels:
@@ -773,24 +857,28 @@ def bench_models(
     report: Callable[[str], None] | None = None,
     progress: bool = True,
     stem: str = "bench_models",
+    fill: bool = False,
 ) -> ModelsReport:
     """Run the sweep (``run_sweep``) and write ``<stem>.csv``, ``<stem>_scaling.csv`` and ``<stem>.png``
-    under ``out`` (atomically). The CPUs' busy fraction is sampled before and after the sweep."""
+    under ``out`` (atomically; the CSV also after every cell, so a sweep cut short keeps what it
+    measured). The CPUs' busy fraction is sampled before and after the sweep. ``fill``: the batch
+    sizes are starts that each cell fits to the card (module docstring)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     threads = threads or torch.get_num_threads()
+    files = {"csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
     busy_before = cpu_busy_fraction(1.0)
     start = time.perf_counter()
     rows = run_sweep(
         specs, sizes, batch_sizes, modes, peer=peer, device=device, repeats=repeats, threads=threads,
         max_memory_gib=max_memory_gib, max_call_s=max_call_s, count_operations=count_operations,
-        report=report, progress=progress,
+        report=report, progress=progress, fill=fill,
+        on_cell=lambda rows: write_csv_atomic(rows, files["csv"]),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     busy_after = cpu_busy_fraction(1.0)
     exponents = scaling_exponents(rows)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
-    files = {"csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
     write_csv_atomic(rows, files["csv"])
     if exponents:
         files["scaling_csv"] = out / f"{stem}_scaling.csv"
@@ -799,7 +887,8 @@ def bench_models(
     what = "CUDA" if device.startswith("cuda") else f"CPU, {threads} threads"
     plot_models(rows, files["png"], f"{stem}: {name} ({what}), float32, peer {peer}")
     settings = {"sizes": list(sizes), "batch_sizes": list(batch_sizes), "modes": list(modes),
-                "repeats": repeats, "max_memory_gib": max_memory_gib, "max_call_s": max_call_s}  # fmt: skip
+                "repeats": repeats, "max_memory_gib": max_memory_gib, "max_call_s": max_call_s,
+                "fill": fill}  # fmt: skip
     return ModelsReport(rows, exponents, peer, list(specs), files, device, name, threads, seconds,
                         busy_before, busy_after, settings)  # fmt: skip
 
@@ -812,6 +901,35 @@ FLOPS_NOTE = (
     "elem. GOP/img counts those as one op per output element of pointwise ops and one per input element\n"
     "of reductions and scans (rough, and specific to the PyTorch forms; Triton kernels are not seen)."
 )
+
+
+# Issue 19's targets for the backbones: (model, peer, image size, mode, least throughput ratio).
+MODEL_TARGETS = (
+    ("vir_small_patch16_224", "vit_small_patch16_224", 224, "eval", 0.9),
+    ("lightnet_small_patch16_224", "vit_small_patch16_224", 224, "eval", 0.9),
+    ("vir_small_patch16_224", "vit_small_patch16_224", 896, "eval", 2.0),
+    ("lightnet_small_patch16_224", "vit_small_patch16_224", 896, "eval", 2.0),
+    ("vim_tiny_patch16_224", "deit_tiny_patch16_224", 1248, "eval", 2.8),
+)
+
+
+def model_targets(rows: Sequence[dict], peer: str) -> list[str]:
+    """MET / MISSED / NOT MEASURED for each of ``MODEL_TARGETS`` this sweep (its peer) has a row for."""
+    lines = []
+    for model, target_peer, size, mode, least in MODEL_TARGETS:
+        if target_peer != peer:
+            continue
+        for r in rows:
+            if (r["model"], r["img_size"], r["mode"]) != (model, size, mode):
+                continue
+            name = f"{model} {mode} vs {peer} at {size} px >= {least}x"
+            ratio = r["throughput_vs_peer"]
+            if math.isnan(ratio):
+                lines.append(f"NOT MEASURED: {name} ({r['status'] or 'not run'}: {r['reason']})")
+            else:
+                verdict = "MET" if ratio >= least else "MISSED"
+                lines.append(f"{verdict}: {name}: {ratio:.2f}x (batch {r['batch']})")
+    return lines
 
 
 def format_report(result: ModelsReport) -> str:
@@ -831,8 +949,17 @@ def format_report(result: ModelsReport) -> str:
             "threads every parallel region waits for the slowest core, so times are slow and noisy "
             "(--threads 1 is steadier on a shared machine)"
         )
+    if result.settings.get("fill"):
+        lines.append(
+            "batch: per cell, the largest power of two up to the start that fits the memory and call-time "
+            "limits (estimated from smaller cells), halved on out-of-memory; ratios compare images/s "
+            "at each model's own batch and memory per image"
+        )
     lines += [f"  {s.label}: {s.description}" for s in result.specs]
     lines += ["", format_ratio_table(result.rows, result.peer), ""]
+    targets = model_targets(result.rows, result.peer)
+    if targets:
+        lines += ["targets (issue 19):", *targets, ""]
     notes = [r for r in _table_order(result.rows, result.peer) if r["status"] != "ok"]
     for r in notes:
         lines.append(

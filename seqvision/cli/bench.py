@@ -25,6 +25,8 @@ def _bench_models(args: argparse.Namespace) -> int:
 
     if args.smoke:
         vars(args).update(models.SMOKE)
+    if args.fill_batch and args.batch_sizes:
+        return usage_error("bench models", ValueError("--fill-batch and --batch-sizes exclude each other"))
     try:
         device = models.resolve_device(args.device)
         specs = models.resolve_specs(args.models, args.peer, args.chunk_size, args.chunk_tokens)
@@ -34,7 +36,7 @@ def _bench_models(args: argparse.Namespace) -> int:
     result = models.bench_models(
         specs,
         args.sizes,
-        args.batch_sizes or ([1, 32] if device == "cuda" else [1]),
+        [args.fill_batch] if args.fill_batch else args.batch_sizes or ([1, 32] if device == "cuda" else [1]),
         args.modes,
         args.out,
         peer=specs[0].label,
@@ -45,6 +47,7 @@ def _bench_models(args: argparse.Namespace) -> int:
         max_call_s=args.max_call_seconds or max_call_s,
         count_operations=not args.no_flops,
         report=lambda line: tqdm.write(line, file=sys.stderr),
+        fill=bool(args.fill_batch),
     )
     print(models.format_report(result))
     return 0
@@ -61,7 +64,8 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         return usage_error("bench kernels", err)
     result = kernels.bench_kernels(
         device, args.out, ops=args.ops, lengths=args.lengths, repeats=args.repeats, threads=args.threads,
-        tokens=args.tokens, smoke=args.smoke, check=not args.no_check,
+        tokens=args.tokens, smoke=args.smoke, check=not args.no_check, head_dims=args.head_dims,
+        reference=args.reference,
     )  # fmt: skip
     print(kernels.format_kernels_report(result))
     return 1 if result.failed_checks else 0
@@ -99,6 +103,15 @@ def add_parsers(commands: Any) -> None:
         default=None,
         help="default: 1 on the CPU, 1,32 on CUDA",
     )
+    models.add_argument(
+        "--fill-batch",
+        type=positive_int,
+        default=None,
+        metavar="START",
+        help="instead of --batch-sizes: each cell runs the largest power of two <= START whose memory and "
+        "time per call (estimated from the model's smaller cells) fit --max-memory-gib and "
+        "--max-call-seconds, halved on out-of-memory; the table gives the batch used",
+    )
     models.add_argument("--modes", type=csv_list(_mode, "modes (eval, train)"), default=["eval", "train"])
     models.add_argument("--repeats", type=positive_int, default=3, help="timed calls after the warm-up")
     models.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
@@ -127,7 +140,8 @@ def add_parsers(commands: Any) -> None:
         help="every operator form on the CPU, or the Triton kernels on CUDA, with ratio tables",
         description="CPU: time and peak memory of every form (fresh process each) against the recurrent "
         "and parallel forms. CUDA: benchmarks/kernels_gpu.py's checks and timings (Triton against the "
-        "PyTorch chunk form and fla / mamba-ssm where installed). Prints a table, writes CSV and PNG.",
+        "memory floor, the copy bandwidth measured in the same run, and fla / mamba-ssm where "
+        "installed, with issue 19's targets met or missed). Prints a table, writes CSV and PNG.",
     )
     kernels.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     kernels.add_argument("--ops", nargs="+", choices=list(FORMS), default=list(FORMS), help="CPU only")
@@ -135,11 +149,20 @@ def add_parsers(commands: Any) -> None:
         "--lengths",
         type=csv_list(positive_int, "positive integers"),
         default=None,
-        help="default: 1024,4096,16384 (CPU), 1024,4096,16384,65536 (CUDA)",
+        help="default: 1024,4096,16384 (CPU), 256,1024,4096,16384,65536 (CUDA)",
     )
     kernels.add_argument("--repeats", type=positive_int, default=3, help="CPU: timed calls after the warm-up")
     kernels.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads")
     kernels.add_argument("--tokens", type=positive_int, default=65536, help="CUDA: batch x L, held constant")
+    kernels.add_argument(
+        "--head-dims",
+        type=csv_list(positive_int, "positive integers"),
+        default=None,
+        help="CUDA: linear_attention head dims, heads = 512 / head dim (default: 64,128)",
+    )
+    kernels.add_argument(
+        "--reference", action="store_true", help="CUDA: also time the PyTorch chunk forms (slow)"
+    )
     kernels.add_argument("--no-check", action="store_true", help="CUDA: skip the correctness checks")
     kernels.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_kernels"))
     kernels.add_argument(

@@ -14,6 +14,8 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV = "SEQVISION_BACKEND"
+# Set to 1 to check log-decays on CUDA tensors too (a host sync per call; see check_nonpositive).
+DECAY_CHECK_ENV = "SEQVISION_CHECK_DECAYS"
 
 
 @functools.cache
@@ -131,12 +133,27 @@ def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> 
 def check_nonpositive(name: str, x: torch.Tensor) -> None:
     """Log-decays must be <= 0 (a gate in (0, 1]); NaN fails too.
 
-    This reads one boolean back from the device, which is the price of a clear error on GPU tensors.
+    Checked on CPU tensors, where reading the answer costs nothing. On any other device (CUDA) the
+    check would read a boolean back from the device: a host synchronisation on every call, which in
+    a model is one per layer and keeps the CPU from queueing kernels ahead of the GPU (and breaks
+    CUDA-graph capture). There it runs only when ``SEQVISION_CHECK_DECAYS=1`` is set (read at each
+    call; ``0`` or unset skips it), and the operators' docstrings say what a positive log-decay does
+    unchecked.
     """
+    if x.device.type != "cpu" and not device_decay_checks():
+        return
     if not bool((x <= 0).all()):
         raise ValueError(
             f"{name} must be <= 0 everywhere (a log of a gate in (0, 1]), got max {x.max().item():.4g}"
         )
+
+
+def device_decay_checks() -> bool:
+    """Whether ``check_nonpositive`` also checks tensors off the CPU (``SEQVISION_CHECK_DECAYS=1``)."""
+    value = os.environ.get(DECAY_CHECK_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{DECAY_CHECK_ENV} must be '0' or '1', got {value!r}")
+    return value == "1"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -36,9 +36,10 @@ Routes, used by :func:`cross_scan` / :func:`cross_merge` (``y[:, k]`` is route `
 ``K``, so ``<cross_scan(x), y> == <x, cross_merge(y, grid)>`` and ``cross_merge(cross_scan(x)) == K * x``.
 
 Backends: ``cross_scan`` and ``cross_merge`` also have a Triton path (``backend="triton"``, or
-``"auto"`` on CUDA tensors): one fused gather each, driven by per-route index tables read off the
-PyTorch reference, the merge summing the K routes in registers; each one's backward is the other.
-On the CPU it runs only through Triton's interpreter (TRITON_INTERPRET=1).
+``"auto"`` on CUDA tensors): tiled copies that read the map once and write every route once (the
+merge: read every route once, sum in registers, write once), coalesced on both sides through a tile
+transpose in registers for the transposed routes (see the comment above the kernels); each one's
+backward is the other. On the CPU it runs only through Triton's interpreter (TRITON_INTERPRET=1).
 
 Dtypes: ``flatten`` / ``unflatten`` only move elements, so they accept any dtype (integer and bool
 included, handy for carrying masks or token ids along the same path). ``cross_scan`` / ``cross_merge``
@@ -192,8 +193,8 @@ def cross_scan(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
     Args:
         x: ``(B, C, H, W)`` or ``(B, C, D, H, W)``, floating point.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one fused gather; its backward is the
-            fused merge).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one tiled copy that reads ``x`` once and
+            writes the K routes once; its backward is the Triton merge).
 
     Returns:
         ``(B, K, C, L)`` with ``L = prod(x.shape[2:])``.
@@ -222,8 +223,8 @@ def cross_merge(y: torch.Tensor, grid: Sequence[int], *, backend: str = "auto") 
         y: ``(B, K, C, L)`` with ``K = 4`` for a 2-D grid, ``6`` for a 3-D grid, and ``L = prod(grid)``;
             floating point. ``y[:, k]`` is read along route ``k`` of :func:`cross_scan`.
         grid: ``(H, W)`` or ``(D, H, W)``, positive ints.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one fused gather-and-sum; its backward is
-            the fused cross_scan).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (one tiled pass that reads each route once
+            and writes the sum once; its backward is the Triton cross_scan).
 
     Returns:
         ``(B, C, *grid)``, ``sum_k`` of route ``k`` of ``y`` unflattened.
@@ -265,20 +266,47 @@ def _cross_merge_torch(y: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Triton: cross_scan and cross_merge as one fused gather each, driven by per-route index tables
+# Triton: cross_scan and cross_merge as tiled copies, coalesced on both sides
 # ------------------------------------------------------------------------------------------------
+#
+# Every route is the raster order or a transpose of the grid, read forwards or backwards. With L the
+# sequence length, the position of grid cell (h, w) or (d, h, w) on route k is:
+#
+#   2-D  routes 0 / 2   h W + w              raster               (route 2 = L - 1 - route 0's)
+#        routes 1 / 3   w H + h              an (H, W) transpose  (route 3 = L - 1 - route 1's)
+#   3-D  routes 0 / 3   d H W + h W + w      raster
+#        routes 1 / 4   d H W + w H + h      an (H, W) transpose in every d slice
+#        routes 2 / 5   (h W + w) D + d      a (D, H W) transpose
+#
+# One program owns one 3-D tile [TA, TH, TW] of a (batch, ...) map, W fastest, so its load from x
+# (B, C, *grid) is coalesced. cross_scan stores that tile on every route; cross_merge loads every
+# route's copy of it and stores their sum. Each route's store (load) is laid out with the axis that
+# is contiguous on that route last: the raster routes use the tile as loaded, a transposed route a
+# tl.permute of it, [TA, TW, TH] with H fastest or [TH, TW, TA] with D fastest (the compiler moves
+# the tile through shared memory), so in every route a warp's lanes touch consecutive addresses. A
+# reversed route writes the same contiguous runs with descending addresses, which the compiler cannot
+# vectorise: it gives those stores one element per lane, 32 lanes on consecutive addresses (whole
+# 128-byte lines per warp instruction), after another shared-memory layout change. Compiled for sm_90
+# (triton.compile without a device), an 8-warp fp32 64 x 64 tile loads with 16-byte vectors, stores
+# routes 0 and 1 with 16-byte vectors and the reversed routes one word per lane, in 80 registers and
+# 16 KiB of shared memory. The leading axis A is a block of channels for 2-D grids (so a small map
+# still gives each program about 16 KiB to move) and the depth axis for 3-D grids (one channel per
+# program).
+#
+# HBM traffic is the minimum a gather can have: cross_scan reads x once and writes the K routes once
+# (1 + K passes of the map's size), cross_merge reads the K routes once and writes their sum once
+# (K + 1 passes), with no index tables, so both should run at the copy bandwidth. Launch: one program
+# per (batch, channel block, h tile, w tile) for 2-D grids, per (batch x channel, d tile, h tile,
+# w tile) for 3-D grids, flattened on grid axis 0. The merge sums in float32 (float64 for float64
+# inputs) in the PyTorch reference's order (each route with its reversed twin first, then the
+# orientations in turn), so float32 merges equal the reference bit for bit. Positions inside a
+# sequence are int32 (a sequence is shorter than 2**31); the bases of the (batch, route, channel)
+# sequences are int64, so outputs of any size are addressed.
 
-
-@lru_cache(maxsize=64)
-def _route_tables(grid: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, L) int32 tables: ``source[k, l]`` is the grid cell (raster index) at step l of route k,
-    ``inverse[k, p]`` the step of route k that visits cell p. Read off the PyTorch reference, so the
-    kernels cannot disagree with it about the routes."""
-    with torch.inference_mode(False):
-        cells = torch.arange(math.prod(grid), dtype=torch.float64).reshape(1, 1, *grid)
-        source = _cross_scan_torch(cells)[0, :, 0].to(torch.int64)
-        inverse = torch.argsort(source, dim=-1)
-        return source.to(device, torch.int32), inverse.to(device, torch.int32)
+# A tile holds about this many bytes of the map (4096 float32 or 8192 16-bit elements), each side at
+# most _MAX_SIDE; the tests shrink both so that small odd grids span several partial tiles.
+_TILE_BYTES = 16384
+_MAX_SIDE = 64
 
 
 def _new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -286,35 +314,54 @@ def _new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _block(length: int) -> int:
-    return min(1024, _triton.next_power_of_2(length))
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
-def _gather_routes(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, *grid) -> (B, K, C, L) with one Triton launch."""
+def _tile_shape(grid: tuple[int, ...], channels: int, itemsize: int) -> tuple[int, int, int]:
+    """(TA, TH, TW), powers of two: A is a block of channels (2-D grids) or the depth axis (3-D)."""
+    budget = max(1, _TILE_BYTES // itemsize)
+    sides = [min(_pow2(n), _MAX_SIDE) for n in grid]
+    if len(grid) == 2:
+        while sides[0] * sides[1] > budget:  # only below _MAX_SIDE ** 2 elements (tests, float64)
+            sides[sides.index(max(sides))] //= 2
+        return min(_pow2(channels), max(1, budget // (sides[0] * sides[1]))), sides[0], sides[1]
+    # 3-D: each side is the length of one route's contiguous runs, so shrink the longest first.
+    while sides[0] * sides[1] * sides[2] > budget:
+        sides[sides.index(max(sides))] //= 2
+    return sides[0], sides[1], sides[2]
+
+
+def _launch(kernel, src: torch.Tensor, out: torch.Tensor, grid: tuple[int, ...], channels: int) -> None:
+    """Launch ``kernel`` (scan or merge) over ``src`` -> ``out`` for a map of ``grid`` and ``channels``."""
+    volume = len(grid) == 3
+    depth, height, width = grid if volume else (1, *grid)
+    ta, th, tw = _tile_shape(grid, channels, src.element_size())
+    n_a = _triton.cdiv(depth if volume else channels, ta)
+    n_h, n_w = _triton.cdiv(height, th), _triton.cdiv(width, tw)
+    rest = src.shape[0] * (channels if volume else 1)  # the programs' outer index: b (2-D), b * C + c
+    elements = ta * th * tw
+    kernel[(rest * n_a * n_h * n_w,)](
+        src, out, channels, depth, height, width, n_a, n_h, n_w,
+        TA=ta, TH=th, TW=tw, K=num_routes(len(grid)), VOLUME=volume, ACC_FP64=src.dtype == torch.float64,
+        num_warps=max(1, min(8, elements // 512)),
+    )  # fmt: skip
+
+
+def _scan_routes(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *grid) -> (B, K, C, L), one Triton launch."""
     x = x.contiguous()
     grid = tuple(x.shape[2:])
-    batch, channels, length = x.shape[0], x.shape[1], math.prod(grid)
-    source, _ = _route_tables(grid, x.device)
-    k = source.shape[0]
-    out = _new_output((batch, k, channels, length), x)
-    block = _block(length)
-    launch = (batch * channels, k, _triton.cdiv(length, block))
-    _gather_routes_kernel[launch](x, source, out, channels, length, k, BLOCK=block)
+    out = _new_output((x.shape[0], num_routes(len(grid)), x.shape[1], math.prod(grid)), x)
+    _launch(_cross_scan_kernel, x, out, grid, x.shape[1])
     return out
 
 
 def _merge_routes(y: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-    """(B, K, C, L) -> (B, C, *grid), the K routes summed in registers, with one Triton launch."""
+    """(B, K, C, L) -> (B, C, *grid), the K routes summed in registers, one Triton launch."""
     y = y.contiguous()
-    batch, k, channels, length = y.shape
-    _, inverse = _route_tables(grid, y.device)
-    out = _new_output((batch, channels, *grid), y)
-    block = _block(length)
-    launch = (batch * channels, _triton.cdiv(length, block))
-    _merge_routes_kernel[launch](
-        y, inverse, out, channels, length, K=k, BLOCK=block, ACC_FP64=y.dtype == torch.float64
-    )
+    out = _new_output((y.shape[0], y.shape[2], *grid), y)
+    _launch(_cross_merge_kernel, y, out, grid, y.shape[2])
     return out
 
 
@@ -322,11 +369,11 @@ class _CrossScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.grid = tuple(x.shape[2:])
-        return _gather_routes(x)
+        return _scan_routes(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _merge_routes(grad, ctx.grid)  # the adjoint of the gather
+        return _merge_routes(grad, ctx.grid)  # the adjoint of the scan
 
 
 class _CrossMergeTriton(torch.autograd.Function):
@@ -336,34 +383,114 @@ class _CrossMergeTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather_routes(grad), None
+        return _scan_routes(grad), None
 
 
 if _triton is not None:
 
     @_triton.jit
-    def _gather_routes_kernel(x_ptr, source_ptr, out_ptr, C, L, K, BLOCK: tl.constexpr):
-        # out[b, k, c, l] = x[b, c, source[k, l]]; one program per (b * C + c, k, block of l).
-        row = tl.program_id(0).to(tl.int64)
-        k = tl.program_id(1)
-        steps = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
-        mask = steps < L
-        cells = tl.load(source_ptr + k * L + steps, mask=mask, other=0)
-        values = tl.load(x_ptr + row * L + cells, mask=mask)
-        b, c = row // C, row % C
-        tl.store(out_ptr + ((b * K + k) * C + c) * L + steps, values, mask=mask)
+    def _tile_positions(pid, C, D, H, W, n_a, n_h, n_w, TA: tl.constexpr, TH: tl.constexpr,
+                        TW: tl.constexpr, VOLUME: tl.constexpr):  # fmt: skip
+        """This program's tile: its index vectors a, h, w (a = channel for 2-D grids, depth for 3-D)
+        and ``rest``, the int64 index of its sequences' block (b for 2-D, b * C + c for 3-D)."""
+        i_w = pid % n_w
+        pid = pid // n_w
+        i_h = pid % n_h
+        pid = pid // n_h
+        i_a = pid % n_a
+        rest = (pid // n_a).to(tl.int64)
+        a = i_a * TA + tl.arange(0, TA)
+        h = i_h * TH + tl.arange(0, TH)
+        w = i_w * TW + tl.arange(0, TW)
+        return a, h, w, rest
 
     @_triton.jit
-    def _merge_routes_kernel(
-        y_ptr, inverse_ptr, out_ptr, C, L, K: tl.constexpr, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr
-    ):
-        # out[b, c, p] = sum_k y[b, k, c, inverse[k, p]]; one program per (b * C + c, block of p).
-        row = tl.program_id(0).to(tl.int64)
-        cells = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cells < L
-        b, c = row // C, row % C
-        acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC_FP64 else tl.float32)
-        for k in tl.static_range(K):
-            steps = tl.load(inverse_ptr + k * L + cells, mask=mask, other=0)
-            acc += tl.load(y_ptr + ((b * K + k) * C + c) * L + steps, mask=mask, other=0.0).to(acc.dtype)
-        tl.store(out_ptr + row * L + cells, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    def _cross_scan_kernel(
+        x_ptr, out_ptr, C, D, H, W, n_a, n_h, n_w,
+        TA: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, K: tl.constexpr, VOLUME: tl.constexpr,
+        ACC_FP64: tl.constexpr,
+    ):  # fmt: skip
+        # x (B, C, *grid) -> out (B, K, C, L): one tile of x loaded once, stored on all K routes.
+        a, h, w, rest = _tile_positions(tl.program_id(0), C, D, H, W, n_a, n_h, n_w, TA, TH, TW, VOLUME)
+        L = D * H * W
+        a3, h3, w3 = a[:, None, None], h[None, :, None], w[None, None, :]
+        # Index grids of the (H, W)-transposed routes' tiles, [TA, TW, TH] with H fastest.
+        at, ht, wt = a[:, None, None], h[None, None, :], w[None, :, None]
+        if VOLUME:  # a = d; this program's sequences are (b, k, c) for one (b, c) = divmod(rest, C)
+            b, c = rest // C, rest % C
+            x_seq = x_ptr + rest * L
+            seq = ((b * K) * C + c) * L  # route k starts k * C * L further on
+            route = (0 * rest + C) * L  # C * L as int64, like every sequence base
+            raster = (a3 * H + h3) * W + w3
+            column = (at * W + wt) * H + ht
+            in_a, in_at = a3 < D, at < D
+        else:  # a = channel; this program's sequences are (b, k, a) for b = rest
+            x_seq = x_ptr + (rest * C + a3) * L
+            seq = ((rest * K) * C + a3) * L
+            route = (0 * rest + C) * L
+            raster = h3 * W + w3
+            column = wt * H + ht
+            in_a, in_at = a3 < C, at < C
+        mask = in_a & (h3 < H) & (w3 < W)
+        tile = tl.load(x_seq + raster, mask=mask)
+        half = K // 2  # route k + half is route k read backwards
+        tl.store(out_ptr + seq + raster, tile, mask=mask)
+        tl.store(out_ptr + seq + half * route + (L - 1 - raster), tile, mask=mask)
+        tile_t = tl.permute(tile, (0, 2, 1))
+        mask_t = in_at & (ht < H) & (wt < W)
+        tl.store(out_ptr + seq + route + column, tile_t, mask=mask_t)
+        tl.store(out_ptr + seq + (half + 1) * route + (L - 1 - column), tile_t, mask=mask_t)
+        if VOLUME:  # routes 2 / 5: (H, W, D), the tile as [TH, TW, TA] with D fastest
+            hd, wd, ad = h[:, None, None], w[None, :, None], a[None, None, :]
+            depth = (hd * W + wd) * D + ad
+            mask_d = (ad < D) & (hd < H) & (wd < W)
+            tile_d = tl.permute(tile, (1, 2, 0))
+            tl.store(out_ptr + seq + 2 * route + depth, tile_d, mask=mask_d)
+            tl.store(out_ptr + seq + 5 * route + (L - 1 - depth), tile_d, mask=mask_d)
+
+    @_triton.jit
+    def _cross_merge_kernel(
+        y_ptr, out_ptr, C, D, H, W, n_a, n_h, n_w,
+        TA: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, K: tl.constexpr, VOLUME: tl.constexpr,
+        ACC_FP64: tl.constexpr,
+    ):  # fmt: skip
+        # y (B, K, C, L) -> out (B, C, *grid): every route's copy of one tile loaded once, summed,
+        # stored once. Each route is added to its reversed twin in its own layout, then permuted.
+        a, h, w, rest = _tile_positions(tl.program_id(0), C, D, H, W, n_a, n_h, n_w, TA, TH, TW, VOLUME)
+        acc_type = tl.float64 if ACC_FP64 else tl.float32
+        L = D * H * W
+        a3, h3, w3 = a[:, None, None], h[None, :, None], w[None, None, :]
+        at, ht, wt = a[:, None, None], h[None, None, :], w[None, :, None]
+        if VOLUME:
+            b, c = rest // C, rest % C
+            out_seq = out_ptr + rest * L
+            seq = ((b * K) * C + c) * L
+            route = (0 * rest + C) * L
+            raster = (a3 * H + h3) * W + w3
+            column = (at * W + wt) * H + ht
+            in_a, in_at = a3 < D, at < D
+        else:
+            out_seq = out_ptr + (rest * C + a3) * L
+            seq = ((rest * K) * C + a3) * L
+            route = (0 * rest + C) * L
+            raster = h3 * W + w3
+            column = wt * H + ht
+            in_a, in_at = a3 < C, at < C
+        half = K // 2
+        mask = in_a & (h3 < H) & (w3 < W)
+        acc = tl.load(y_ptr + seq + raster, mask=mask, other=0.0).to(acc_type)
+        acc += tl.load(y_ptr + seq + half * route + (L - 1 - raster), mask=mask, other=0.0).to(acc_type)
+        mask_t = in_at & (ht < H) & (wt < W)
+        part = tl.load(y_ptr + seq + route + column, mask=mask_t, other=0.0).to(acc_type)
+        part += tl.load(y_ptr + seq + (half + 1) * route + (L - 1 - column), mask=mask_t, other=0.0).to(
+            acc_type
+        )
+        acc += tl.permute(part, (0, 2, 1))
+        if VOLUME:
+            hd, wd, ad = h[:, None, None], w[None, :, None], a[None, None, :]
+            depth = (hd * W + wd) * D + ad
+            mask_d = (ad < D) & (hd < H) & (wd < W)
+            part = tl.load(y_ptr + seq + 2 * route + depth, mask=mask_d, other=0.0).to(acc_type)
+            part += tl.load(y_ptr + seq + 5 * route + (L - 1 - depth), mask=mask_d, other=0.0).to(acc_type)
+            acc += tl.permute(part, (2, 0, 1))
+        tl.store(out_seq + raster, acc.to(out_ptr.dtype.element_ty), mask=mask)

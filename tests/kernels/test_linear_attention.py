@@ -281,3 +281,26 @@ def test_bad_arguments_name_the_argument(change, error, match):
     args.update(change(args))
     with pytest.raises(error, match=match):
         linear_attention(**args)
+
+
+@pytest.mark.parametrize("shape", [(2,), (1, 2, 7), (1, 2, 7, 4)])
+def test_decays_off_the_cpu_are_checked_only_when_asked(shape, monkeypatch):
+    # A meta tensor has no data: any read-back raises. So a call that passes proves the decay was not
+    # read (no host sync on CUDA); with SEQVISION_CHECK_DECAYS=1 the check reads it, and fails here.
+    q = torch.randn(1, 2, 7, 4, device="meta")
+    positive = torch.full(shape, 0.5, device="meta")
+    monkeypatch.delenv("SEQVISION_CHECK_DECAYS", raising=False)
+    assert linear_attention(q, q, q, positive, backend="torch").shape == q.shape
+    monkeypatch.setenv("SEQVISION_CHECK_DECAYS", "0")
+    assert linear_attention(q, q, q, positive, backend="torch").shape == q.shape
+    monkeypatch.setenv("SEQVISION_CHECK_DECAYS", "1")
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        linear_attention(q, q, q, positive, backend="torch")
+    monkeypatch.setenv("SEQVISION_CHECK_DECAYS", "yes")
+    with pytest.raises(ValueError, match="SEQVISION_CHECK_DECAYS must be '0' or '1'"):
+        linear_attention(q, q, q, positive, backend="torch")
+    # CPU tensors are always checked, whatever the variable says
+    monkeypatch.setenv("SEQVISION_CHECK_DECAYS", "0")
+    q, k, v, _ = _good()
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        linear_attention(q, k, v, torch.full(shape[:1] if len(shape) == 1 else (2, 2, 5), 0.5))

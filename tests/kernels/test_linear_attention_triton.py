@@ -12,6 +12,8 @@ from seqvision.kernels.linear_attention import triton as module
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 DECAYS = ["none", "per head", "per step", "per key"]
+# Launch sizes the tests force to reach more chunks and blocks with short sequences.
+SMALL_BLOCKS = {"CHUNK": 16, "ROWS": 16, "BLOCK_K": 16, "BLOCK_V": 16}
 
 
 @pytest.fixture(autouse=True)
@@ -127,13 +129,16 @@ def test_head_dims_over_several_blocks(Dk, Dv):
     assert_close(run("triton", *inputs, upstream), run("torch", *inputs, upstream), TOL[torch.float32])
 
 
-@pytest.mark.parametrize("decay", ["per step", "per key"])
-def test_strong_decay_stays_finite_and_as_exact_as_the_reference(decay):
-    # Gates down to exp(-300) per step make some results ill-conditioned in float32 (the true gate
-    # gradient is ~1e-16 at most steps), so the kernel is held to the float64 reference: outputs and
-    # q, k, v gradients no further from it than twice the float32 reference is, plus 1e-6.
-    inputs = make_inputs(decay, L=50, H=1, strength=300.0)
-    upstream = (torch.randn(1, 1, 50, 24, generator=torch.Generator().manual_seed(1)),)
+@pytest.mark.parametrize("decay", ["per head", "per step", "per key"])
+def test_strong_decay_stays_finite_and_as_exact_as_the_reference(decay, monkeypatch):
+    # Gates down to exp(-2000) per step (a chunk's cumulative log-gate reaches about -32000, so any
+    # positive exponent would overflow), over two chunks of 32 in row blocks of 16, make some results
+    # ill-conditioned in float32 (the true gate gradient is ~1e-16 at most steps), so the kernel is
+    # held to the float64 reference: outputs and q, k, v gradients no further from it than twice the
+    # float32 reference is, plus 1e-6.
+    monkeypatch.setattr(module, "_launch_sizes", lambda *args: {**SMALL_BLOCKS, "CHUNK": 32})
+    inputs = make_inputs(decay, L=40, H=1, strength=2000.0)
+    upstream = (torch.randn(1, 1, 40, 24, generator=torch.Generator().manual_seed(1)),)
     ours = run("triton", *inputs, upstream)
     assert all(x.isfinite().all() for x in ours)
     reference = run("torch", *inputs, upstream)
@@ -145,6 +150,23 @@ def test_strong_decay_stays_finite_and_as_exact_as_the_reference(decay):
     terms = max((x * dx).abs().max().item() for x, dx in zip(inputs[:2], exact[1:3], strict=True))
     reference_error = (reference[4].double() - exact[4]).abs().max().item()
     assert (ours[4].double() - exact[4]).abs().max().item() <= 2 * reference_error + 1e-5 * terms
+
+
+@pytest.mark.parametrize("decay", DECAYS)
+def test_many_chunks_and_blocks(decay, monkeypatch):
+    # Head dims of 24 in blocks of 16, row blocks of 16 and chunks of 32 over 70 steps (per-key
+    # decay: 16 over 40 steps), the last one partial: the passes over chunk states walk three chunks
+    # from an initial state and from the final state's gradient, over 24 x 24 state entries in three
+    # blocks of 256 (the last partial); no and scalar decays take the dq/dk kernel's path with two
+    # row blocks in a chunk, scalar ones their gate-gradient sums from two key blocks; per-key decay
+    # the path whose row block is the whole chunk.
+    chunk, L = (16, 40) if decay == "per key" else (32, 70)
+    monkeypatch.setattr(module, "_launch_sizes", lambda *args: {**SMALL_BLOCKS, "CHUNK": chunk})
+    # Weak decays (about exp(-2) over a chunk), so the carried states weigh in every output.
+    q, k, v, log_decay = make_inputs(decay, H=1, L=L, Dk=24, Dv=24, strength=0.1)
+    upstream = (torch.randn(1, 1, L, 24), torch.randn(1, 1, 24, 24))
+    kwargs = {"initial_state": torch.randn(1, 1, 24, 24), "output_final_state": True}
+    assert_gradients_match((q, k, v, log_decay), upstream, TOL[torch.float32], **kwargs)
 
 
 def test_streaming_in_pieces_equals_the_whole_sequence():
@@ -160,10 +182,12 @@ def test_streaming_in_pieces_equals_the_whole_sequence():
     assert relative_error(torch.cat(pieces, dim=2), whole) < 1e-5
 
 
-def test_non_contiguous_inputs():
-    # (B, L, H, D) tensors seen as (B, H, L, D), as a model's fused projection produces them.
-    q, k, v = (torch.randn(2, 30, 3, 16).transpose(1, 2) for _ in range(3))
-    log_decay = -torch.rand(2, 3, 30)
+@pytest.mark.parametrize("decay", ["per step", "per key"])
+def test_non_contiguous_inputs(decay):
+    # (B, L, H, D) tensors seen as (B, H, L, D), as a model's fused projection produces them; the
+    # log-gates too (read through their strides by the first kernel).
+    q, k, v = (torch.randn(2, 30, 2, 16).transpose(1, 2) for _ in range(3))
+    log_decay = -torch.rand(2, 30, 2, *((16,) if decay == "per key" else ())).transpose(1, 2)
     out = linear_attention(q, k, v, log_decay, backend="triton")
     assert relative_error(out, linear_attention(q, k, v, log_decay, backend="torch")) < 1e-5
 

@@ -119,3 +119,18 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         linear_recurrence(**args)
+
+
+def test_gates_off_the_cpu_are_checked_only_when_asked(monkeypatch):
+    # A meta tensor has no data: any read-back raises. So a call that passes proves log_a was not read
+    # (no host sync on CUDA); with SEQVISION_CHECK_DECAYS=1 the check reads it, and fails here.
+    x = torch.randn(3, 7, device="meta")
+    positive = torch.full((3, 1), 0.5, device="meta")
+    monkeypatch.delenv("SEQVISION_CHECK_DECAYS", raising=False)
+    assert linear_recurrence(x, positive, 1, backend="torch").shape == x.shape
+    monkeypatch.setenv("SEQVISION_CHECK_DECAYS", "1")
+    with pytest.raises(RuntimeError, match="meta tensors"):
+        linear_recurrence(x, positive, 1, backend="torch")
+    monkeypatch.setenv("SEQVISION_CHECK_DECAYS", "0")  # CPU tensors are always checked
+    with pytest.raises(ValueError, match="log_a must be <= 0"):
+        linear_recurrence(torch.randn(3, 7), torch.full((3, 1), 0.5), 1)

@@ -1,8 +1,11 @@
-"""The Triton selective_scan kernel (forward and backward), through Triton's interpreter on the CPU,
-against the PyTorch reference run in float64: every B / C layout, optional terms on and off, lengths
-that are not a multiple of the checkpoint interval, channel counts that are not a multiple of the
-block, N not a power of 2, float32 and 16-bit inputs, output buffers poisoned so that an unwritten
-element shows up as NaN."""
+"""The Triton selective_scan kernels (the chunked scan, forward and backward), through Triton's
+interpreter on the CPU, against the PyTorch reference run in float64: every B / C layout and group
+count, optional terms on and off, one chunk, several and many chunks, lengths that are not a multiple
+of the chunk, channel counts that are not a multiple of the block, N not a power of 2, float32 and
+16-bit inputs, strong decays across chunk boundaries, output and chunk-state buffers poisoned so that
+an unwritten element shows up as NaN."""
+
+import importlib
 
 import pytest
 import torch
@@ -10,6 +13,10 @@ import torch
 from seqvision.kernels import selective_scan
 from seqvision.kernels.check import relative_error
 from seqvision.kernels.selective_scan import triton as module
+
+# The pass over chunk states lives beside linear_recurrence's kernels (the package exports the
+# function under the module's name, so fetch the module itself).
+recurrence = importlib.import_module("seqvision.kernels.linear_recurrence")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 OPTIONAL = ("D", "z", "delta_bias")
@@ -21,6 +28,7 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(
         module, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype)
     )
+    monkeypatch.setattr(recurrence, "_new_output", lambda like: torch.full_like(like, float("nan")))
 
 
 def make_inputs(batch, dim, L, N, b_kind, c_kind, *, groups=2, a_scale=5.0, seed=0):
@@ -71,30 +79,43 @@ def assert_matches_reference(inputs, tol, return_last_state=True, **options):
         assert relative_error(x.double(), reference[name]) < tol, name
 
 
-# (L, D, N, B layout, C layout, groups, optional terms, delta_softplus): each row varies a few things at once.
+# (L, D, N, B layout, C layout, groups, optional terms, delta_softplus, chunk_size): each row varies a
+# few things at once. Chunks: one (L = 1, and L <= chunk_size: the rescan alone), two with a last
+# chunk of one step, and 3 to 7 with a shorter last one. The interpreter runs the scans one element at
+# a time, so the chunk sizes keep the tiles of steps mostly full.
 CASES = [
-    (1, 6, 5, "fixed", "fixed", 2, OPTIONAL, True),
-    (17, 6, 5, "input", "input", 2, OPTIONAL, True),
-    (17, 10, 16, "grouped", "grouped", 2, OPTIONAL, True),
-    (17, 6, 4, "fixed", "grouped", 3, (), False),
-    (17, 9, 8, "grouped", "input", 3, ("z",), True),
-    (17, 7, 5, "input", "fixed", 1, ("D", "delta_bias"), False),
-    (100, 6, 5, "input", "fixed", 1, OPTIONAL, True),
+    (1, 6, 5, "fixed", "fixed", 2, OPTIONAL, True, 16),
+    (17, 6, 5, "input", "input", 2, OPTIONAL, True, 4),
+    (17, 4, 16, "grouped", "grouped", 2, OPTIONAL, True, 6),
+    (17, 6, 4, "fixed", "grouped", 3, (), False, 16),
+    (17, 9, 8, "grouped", "input", 3, ("z",), True, 64),
+    (17, 7, 5, "input", "fixed", 1, ("D", "delta_bias"), False, 5),
+    (100, 4, 5, "input", "fixed", 1, OPTIONAL, True, 16),
 ]
 
 
-@pytest.mark.parametrize(("L", "dim", "N", "b_kind", "c_kind", "groups", "terms", "softplus"), CASES)
-def test_forward_and_backward_match_the_reference(L, dim, N, b_kind, c_kind, groups, terms, softplus):
+@pytest.mark.parametrize(("L", "dim", "N", "b_kind", "c_kind", "groups", "terms", "softplus", "chunk"), CASES)
+def test_forward_and_backward_match_the_reference(L, dim, N, b_kind, c_kind, groups, terms, softplus, chunk):
     x = make_inputs(2, dim, L, N, b_kind, c_kind, groups=groups)
     x.update({name: None for name in OPTIONAL if name not in terms})
-    assert_matches_reference(x, TOL[torch.float32], delta_softplus=softplus, chunk_size=16)
+    assert_matches_reference(x, TOL[torch.float32], delta_softplus=softplus, chunk_size=chunk)
+
+
+def test_many_chunks(monkeypatch):
+    # chunk_size above the kernel's largest chunk (8 here) takes chunks of 8: 40 steps are 5 chunks,
+    # and a pass over chunk states two boundaries at a time takes the 4 boundaries in 2 blocks, in
+    # both directions (forward states, backward state gradients).
+    monkeypatch.setattr(module, "_MAX_CHUNK", 8)
+    monkeypatch.setattr(recurrence, "_MAX_CARRY_SLOTS", 2)
+    x = make_inputs(2, 4, 40, 3, "input", "grouped", groups=2)
+    assert_matches_reference(x, TOL[torch.float32], delta_softplus=True, chunk_size=64)
 
 
 def test_without_the_last_state():
     # The unused last state still leaves the Function: its (zero) gradient must not disturb the others.
     x = make_inputs(2, 6, 17, 5, "input", "input")
     assert_matches_reference(
-        x, TOL[torch.float32], return_last_state=False, delta_softplus=True, chunk_size=5
+        x, TOL[torch.float32], return_last_state=False, delta_softplus=True, chunk_size=4
     )
 
 
@@ -116,18 +137,22 @@ def test_half_precision(dtype):
     assert_matches_reference(x, TOL[dtype], delta_softplus=True, chunk_size=8)
 
 
-def test_strong_decay_strided_inputs_and_broadcast_gradient():
-    # delta * A down to about -2000 per step; u, delta and B are read in place through their strides
-    # (transposed views), and the gradient of a sum reaches the kernel with stride 0.
+@pytest.mark.parametrize("chunk", [64, 4])
+def test_strong_decay_strided_inputs_and_broadcast_gradient(chunk):
+    # delta * A down to about -2000 per step, inside one chunk and across chunk boundaries (the
+    # chunk decays underflow to 0, nothing becomes inf or NaN); u, delta and B are read in place
+    # through their strides (transposed views), and the gradient of a sum reaches the kernel with
+    # stride 0.
     x = make_inputs(2, 6, 17, 5, "input", "fixed", a_scale=2000.0)
     x["u"], x["delta"] = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (x["u"], x["delta"]))
     x["B"] = x["B"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not x["u"].is_contiguous() and not x["B"].is_contiguous()
     leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
-    y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend="triton")
+    options = dict(delta_softplus=True, return_last_state=True, chunk_size=chunk)
+    y, last = selective_scan(**leaves, **options, backend="triton")
     grads = torch.autograd.grad(y.sum() + last.sum(), list(leaves.values()))
     exact = {n: t.detach().double().requires_grad_() for n, t in x.items()}
-    y_ref, last_ref = selective_scan(**exact, delta_softplus=True, return_last_state=True, backend="torch")
+    y_ref, last_ref = selective_scan(**exact, **options, backend="torch")
     expected = torch.autograd.grad(y_ref.sum() + last_ref.sum(), list(exact.values()))
     assert relative_error(y.double(), y_ref) < 1e-5 and relative_error(last.double(), last_ref) < 1e-5
     for name, ours, reference in zip(leaves, grads, expected, strict=True):
@@ -135,23 +160,37 @@ def test_strong_decay_strided_inputs_and_broadcast_gradient():
         assert relative_error(ours.double(), reference) < 1e-5, name
 
 
-def test_inference_keeps_no_checkpoints(monkeypatch):
-    # Without autograd the forward pass writes y and the last state only, no (batch, D, chunks, N) states.
+@pytest.mark.parametrize(
+    ("chunk", "buffers"),
+    [(64, [(2, 6, 40), (2, 6, 5)]), (16, [(2, 6, 40), (2, 6, 5), (2, 2, 6, 5), (2, 2, 6)])],
+)
+def test_forward_buffers_and_nothing_kept_without_autograd(monkeypatch, chunk, buffers):
+    # One chunk runs the rescan alone and allocates y and the last state only; three chunks add the
+    # (batch, chunk boundaries, D, N) states and the chunks' summed step sizes. Without autograd
+    # nothing is kept for a backward pass.
     shapes = []
     monkeypatch.setattr(
         module,
         "_new_output",
         lambda shape, dtype, device: shapes.append(shape) or torch.full(shape, float("nan")),
     )
+    saved = []
+    forward = module._SelectiveScanTriton.forward
+    monkeypatch.setattr(
+        module._SelectiveScanTriton,
+        "forward",
+        staticmethod(lambda ctx, *a: saved.append(ctx) or forward(ctx, *a)),
+    )
     x = make_inputs(2, 6, 40, 5, "input", "input")
     with torch.no_grad():
         y, last = selective_scan(
-            **x, delta_softplus=True, return_last_state=True, chunk_size=8, backend="triton"
+            **x, delta_softplus=True, return_last_state=True, chunk_size=chunk, backend="triton"
         )
     expected, expected_last = selective_scan(
         **x, delta_softplus=True, return_last_state=True, backend="torch"
     )
-    assert shapes == [(2, 6, 40), (2, 6, 5)]
+    assert shapes == buffers
+    assert not hasattr(saved[0], "chunk_size") and not saved[0].saved_tensors
     assert relative_error(y, expected) < 1e-5 and relative_error(last, expected_last) < 1e-5
 
 

@@ -42,6 +42,18 @@ flash-linear-attention: exact in exact arithmetic, but for one constant gate
 per head (shape ``(H,)``) it sums the whole sequence and float32 cancellation grows with L (about
 1e-4 relative at L = 100). The models here keep such gates fixed.
 
+Checking the decays: ``log_decay`` must be <= 0. On CPU tensors a positive or NaN entry is a
+``ValueError``. On CUDA tensors that check would read a value back from the device, a host sync on
+every call (one per layer of a model), so it runs only with ``SEQVISION_CHECK_DECAYS=1`` set. Without
+it, a positive log-decay is a gate above 1 and nothing fails at once: every form computes the
+recurrence with that gate, a state that grows like the exponential of the summed log-decays, as long
+as the numbers fit. The exponents the chunk forms and the Triton kernels evaluate, differences
+``b_t - b_s`` of the cumulative log-gate, are then positive, and float32 (the compute type of
+float32, float16 and bfloat16 inputs) overflows to inf beyond about ``exp(88.7)`` (float64 beyond
+``exp(709.8)``): once the log-decays summed over a stretch of the sequence exceed about 88, ``exp()``
+or the carried state becomes inf and the outputs and gradients hold inf or NaN. A NaN log-decay gives
+NaN outputs.
+
 This package: :mod:`.reference` holds the three PyTorch forms, :mod:`.triton` the Triton kernels
 and their launch; this file checks the arguments and picks the backend.
 """
@@ -90,7 +102,9 @@ def linear_attention(
         k: keys (B, H, L, Dk).
         v: values (B, H, L, Dv).
         log_decay: log of the gates, <= 0: None, (H,), (B, H, L) or (B, H, L, Dk). Same dtype as the
-            inputs, or float32 beside float16/bfloat16 inputs.
+            inputs, or float32 beside float16/bfloat16 inputs. Checked on CPU tensors; on CUDA only
+            with ``SEQVISION_CHECK_DECAYS=1`` (a host sync): unchecked, positive entries are gates
+            above 1 whose exponents overflow float32 once they sum to about 88 (module docstring).
         causal: causal scan (default) or the symmetric non-causal mask.
         form: ``"chunk"`` (default), ``"parallel"`` or ``"recurrent"``; all give the same result.
         chunk_size: tokens per chunk for the chunk form; any L works, it need not divide L.

@@ -1,20 +1,56 @@
-"""The Triton kernels of :func:`~seqvision.kernels.linear_attention`: the chunk form as fused
-kernels, forward and backward, for causal scans (the non-causal scan is two causal ones), joined
-to autograd by ``_LinearAttentionTriton``, and ``triton_linear_attention``, the operator's Triton
-path.
+"""The Triton kernels of :func:`~seqvision.kernels.linear_attention`: the chunk form as kernels that
+run in parallel over (chunk or row block, head-dim block, batch x head), forward and backward, for
+causal scans (the non-causal scan is two causal ones), joined to autograd by
+``_LinearAttentionTriton``, and ``triton_linear_attention``, the operator's Triton path.
 
-Tokens are cut into chunks of CHUNK (the state is carried between chunks) and the outputs into row
-blocks of ROWS tokens inside a chunk. Forward: (1) the cumulative log-gate from each chunk's start,
-(2) one program per (Dk block, Dv block, batch x head) walks the chunks and stores the state entering
-each (float32, (B, H, chunks, Dk, Dv)), (3) one program per (row block, Dv block, batch x head) adds
-the inter-chunk term q_t S and the exact intra-chunk scores times v. Backward: the gradient of each
-chunk's end state by the reverse walk, then one kernel each for dq, dk and dv over row blocks; the
-gate gradient is the reverse cumulative sum of q * dq - k * dk (plus the final state's own term).
+Tokens are cut into chunks of CHUNK (64, or the next power of two >= L for shorter sequences) and,
+for outputs and gradients, into row blocks of ROWS tokens inside a chunk (the whole chunk; 16 for
+per-key decay). b_t is the cumulative log-gate from the chunk start (<= 0, non-increasing in t),
+b_last the chunk's last one, S_c the (Dk, Dv) state entering chunk c. Forward, in three phases:
 
-Every exponent is a masked difference b_t - b_s with s <= t of the cumulative log-gate from the
-chunk start, so it is <= 0. For per-key decay, pairs in different row blocks go through a reference
-position r between them (exp(b_t - b_r) exp(b_r - b_s), both <= 0) and stay matrix products; pairs
-inside one row block take their own exponent, one column at a time.
+1. ``_forward_chunk_kernel``, one program per (chunk, Dk block x Dv block, batch x head): the chunk's
+   cumulative log-gates from the raw gates (stored once, for the later kernels) and the chunk's own
+   contribution to the state at its end, dS_c = sum_s (k_s exp(b_last - b_s))^T v_s, one tl.dot of
+   (BLOCK_K x CHUNK) by (CHUNK x BLOCK_V). Every matrix product of the state recurrence runs here,
+   all chunks at once.
+2. ``_state_pass_kernel``, the only sequential part, and a light one: S_{c+1} = exp(b_last) S_c +
+   dS_c, chunk after chunk. The decay is one number or one per key row, so it is elementwise per
+   state entry: one program per (256 consecutive entries of the state, batch x head), per chunk a
+   load, a multiply-add and a store, in place (slot c holds dS_c before and S_c after). The loads
+   do not depend on the carried state, so the loop is software-pipelined (tl.range num_stages):
+   several chunks' loads in flight instead of one memory latency per chunk.
+3. ``_forward_output_kernel``, one program per (row block, Dv block, batch x head):
+   o_t = exp(b_t) q_t S_c + the exact intra-chunk scores times v.
+
+Backward, the same phases mirrored: (1) ``_backward_chunk_kernel``, what each chunk's outputs add to
+the gradient of the state entering it, dG_c = sum_t (q_t exp(b_t))^T do_t, all chunks at once;
+(2) the same pass from the last chunk, G <- exp(b_last) G + dG_c from the final state's gradient,
+giving the gradient of the state at the end of every chunk and of the initial state;
+(3) ``_backward_dqk_kernel`` (dq and dk in one program: they share the do . v products, the rows'
+loads and the gate gradient) and ``_backward_dv_kernel``, over row blocks. The gate gradient is the
+reverse cumulative sum of d loss / d b_t = q_t dq_t - k_t dk_t (plus the final state's own term);
+the dqk kernel writes the sum inside its row block and the block's total (scalar decays: already
+summed over the key channels), and the host adds the totals of later blocks in one pass.
+
+Traffic with HBM per token and head, for D = Dk = Dv = CHUNK = 64 and 16-bit inputs: a row of q, k,
+v, o or do is 128 bytes, a float32 state per chunk 4 D^2 / CHUNK = 256 bytes per token. Forward:
+phase 1 reads k, v and the gates and writes dS (about 512 bytes), phase 2 reads dS and writes S
+(512), phase 3 reads q, k, v, S and the log-gates and writes o (768): about 1.8 kB; per-key decay
+adds its float32 log-gates (256 bytes) per read, and its row blocks of 16 read their chunk's k, v
+and S once each (from L2, mostly). The sequential walk this replaced moved the states once less
+each way (about 1.3 kB) but ran one program per (head-dim block, batch x head) along the whole
+sequence. Backward: phase 1 reads q and do and writes dG (512), phase 2 (512), dqk reads q, k, S
+and G, do and v once per key block of 32, and writes dq, dk and the gate gradient inside row blocks
+(about 1.5 kB), dv reads q, k, do and G and writes dv (768): about 3.3 kB; the host reads and
+writes the gate gradient once more (4 bytes per token for scalar decays, 256 per key). Gradients
+are written in the inputs' dtype directly (no float32 copies to convert).
+
+Every exponent is <= 0. The chunk products take exp(b_last - b_s) and exp(b_t) (the cumulative
+log-gate is non-increasing from 0 at the chunk start); the pass takes exp(b_last); the scores take a
+masked difference b_t - b_s with s <= t. For per-key decay all of them are per key channel (the
+decay from a token to its chunk end is exp(b_last - b_s) for each channel); pairs in different row
+blocks go through a reference position r between them (exp(b_t - b_r) exp(b_r - b_s), both <= 0)
+and stay matrix products, pairs inside one row block take their own exponent, one column at a time.
 
 The kernels write into buffers from ``_new_output``, which the tests replace with NaN-filled ones.
 triton is optional (see :mod:`seqvision.kernels._triton`): without it this module still imports,
@@ -35,6 +71,13 @@ if _triton is not None:
 
 # Decay modes of the kernels.
 _NO_DECAY, _SCALAR_DECAY, _PER_KEY_DECAY = 0, 1, 2
+# The pass over chunk states: state entries per program, and chunks whose loads it keeps in flight.
+_PASS_ENTRIES, _PASS_STAGES = 256, 4
+# Launch options of the tile kernels: compiled for sm_90 with 64 x 64 tiles (bfloat16), 4 warps
+# spilled registers in the output, dq / dk and dv kernels; 8 warps and 2 pipeline stages do not.
+_TILE_LAUNCH = {"num_warps": 8, "num_stages": 2}
+# The dq / dk kernel keeps about twice the tiles of the others live: key blocks of at most 32.
+_DQK_BLOCK_K = 32
 
 
 def triton_linear_attention(q, k, v, log_decay, causal, initial_state, scale):
@@ -78,8 +121,20 @@ def _dot_modes(dtype: torch.dtype) -> dict[str, int]:
 
 
 def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
-    """Output buffers of the Triton kernels (a seam for tests, which poison them)."""
+    """Buffers the Triton kernels write (a seam for tests, which poison them)."""
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _state_pass(states, cum, start, end, L, chunk, mode, reverse):
+    """Phase 2: turn every chunk's own contribution in ``states`` (B, H, chunks, Dk, Dv) into the
+    value carried into it, in place, and write the value after the walk into ``end``."""
+    B, H, chunks, Dk, Dv = states.shape
+    has_start = start is not None
+    block = min(_PASS_ENTRIES, _triton.next_power_of_2(Dk * Dv))
+    _state_pass_kernel[(_triton.cdiv(Dk * Dv, block), B * H)](
+        states, cum, start if has_start else end, end, L, Dk, Dv, chunks, HAS_START=has_start,
+        REVERSE=reverse, DECAY=mode, CHUNK=chunk, BLOCK_E=block, STAGES=_PASS_STAGES,
+    )  # fmt: skip
 
 
 class _LinearAttentionTriton(torch.autograd.Function):
@@ -93,19 +148,26 @@ class _LinearAttentionTriton(torch.autograd.Function):
         mode = _NO_DECAY if gates is None else _SCALAR_DECAY if gates.dim() == 3 else _PER_KEY_DECAY
         sizes = _launch_sizes(L, Dk, Dv, mode)
         chunks = _triton.cdiv(L, sizes["CHUNK"])
-        cum = _chunk_cumulative_gates(gates, q, sizes["CHUNK"]) if mode else q  # q: an unused pointer
         f32 = torch.float32
-        states = torch.empty(B, H, chunks, Dk, Dv, dtype=f32, device=q.device)
-        final = _new_output((B, H, Dk, Dv), q, f32)
-        has_initial = initial_state is not None
-        initial = initial_state.contiguous() if has_initial else final  # final: an unused pointer
-        common = {"DECAY": mode, **_dot_modes(q.dtype), **sizes}
-        grid = (_triton.cdiv(Dk, sizes["BLOCK_K"]), _triton.cdiv(Dv, sizes["BLOCK_V"]), B * H)
-        _forward_states_kernel[grid](
-            k, v, cum, initial, states, final, L, Dk, Dv, chunks, HAS_INITIAL=has_initial, **common
+        common = {"DECAY": mode, **_dot_modes(q.dtype), **sizes, **_TILE_LAUNCH}
+        k_blocks, v_blocks = _triton.cdiv(Dk, sizes["BLOCK_K"]), _triton.cdiv(Dv, sizes["BLOCK_V"])
+
+        # (1) Every chunk's own contribution to the state at its end, and the cumulative log-gates.
+        cum, gate_ptr, gate_strides = q, q, (0, 0, 0, 0)  # q: unused pointers without decay
+        if mode != _NO_DECAY:
+            cum = _new_output((B, H, L, Dk if mode == _PER_KEY_DECAY else 1), q, f32)
+            gate_ptr, gate_strides = gates, _gate_strides(gates)
+        states = _new_output((B, H, chunks, Dk, Dv), q, f32)
+        _forward_chunk_kernel[(chunks, k_blocks * v_blocks, B * H)](
+            k, v, gate_ptr, cum, states, *gate_strides, H, L, Dk, Dv, chunks, **common
         )
+        # (2) In place, the state entering every chunk; and the final one.
+        final = _new_output((B, H, Dk, Dv), q, f32)
+        initial = None if initial_state is None else initial_state.contiguous()
+        _state_pass(states, cum, initial, final, L, sizes["CHUNK"], mode, reverse=False)
+        # (3) The outputs.
         o = _new_output((B, H, L, Dv), q)
-        grid = (_triton.cdiv(L, sizes["ROWS"]), _triton.cdiv(Dv, sizes["BLOCK_V"]), B * H)
+        grid = (_triton.cdiv(L, sizes["ROWS"]), v_blocks, B * H)
         _forward_output_kernel[grid](q, k, v, cum, states, o, scale, L, Dk, Dv, chunks, **common)
 
         ctx.save_for_backward(q, k, v, cum, states, final, initial_state)
@@ -123,89 +185,82 @@ class _LinearAttentionTriton(torch.autograd.Function):
         chunks = states.shape[2]
         f32 = torch.float32
         grad_o = torch.zeros_like(v) if grad_o is None else grad_o.contiguous()
-        has_grad_final = grad_final is not None
-        grad_final = grad_final.contiguous() if has_grad_final else final  # an unused pointer
-        common = {"DECAY": mode, **_dot_modes(q.dtype), **sizes}
+        common = {"DECAY": mode, **_dot_modes(q.dtype), **sizes, **_TILE_LAUNCH}
+        k_blocks, v_blocks = _triton.cdiv(Dk, sizes["BLOCK_K"]), _triton.cdiv(Dv, sizes["BLOCK_V"])
 
-        # grad_ends[:, :, c]: the gradient of the state at the end of chunk c (entering chunk c + 1).
-        grad_ends = torch.empty_like(states)
+        # (1) What every chunk's outputs add to the gradient of the state entering it.
+        grad_ends = _new_output(states.shape, q, f32)
+        _backward_chunk_kernel[(chunks, k_blocks * v_blocks, B * H)](
+            q, grad_o, cum, grad_ends, scale, L, Dk, Dv, chunks, **common
+        )
+        # (2) In place, grad_ends[:, :, c]: the gradient of the state at the end of chunk c; and the
+        # gradient of the initial state.
         grad_initial = _new_output((B, H, Dk, Dv), q, f32)
-        grid = (_triton.cdiv(Dk, sizes["BLOCK_K"]), _triton.cdiv(Dv, sizes["BLOCK_V"]), B * H)
-        _backward_states_kernel[grid](
-            q, grad_o, cum, grad_final, grad_ends, grad_initial, scale, L, Dk, Dv, chunks,
-            HAS_GRAD_FINAL=has_grad_final, **common,
+        start = None if grad_final is None else grad_final.contiguous()
+        _state_pass(grad_ends, cum, start, grad_initial, L, sizes["CHUNK"], mode, reverse=True)
+        # (3) dq and dk, then dv, over row blocks; the gate gradient inside each row block.
+        rows = sizes["ROWS"]
+        row_blocks = _triton.cdiv(L, rows)
+        grad_q, grad_k, grad_v = _new_output(q.shape, q), _new_output(k.shape, k), _new_output(v.shape, v)
+        dqk = {**common, "BLOCK_K": min(_DQK_BLOCK_K, sizes["BLOCK_K"])}
+        dqk_k_blocks = _triton.cdiv(Dk, dqk["BLOCK_K"])
+        # Rows of the gate gradient padded to whole row blocks; per k block for scalar decays.
+        gate_layout = (
+            (1, B * H, row_blocks, Dk) if mode == _PER_KEY_DECAY else (dqk_k_blocks, B * H, row_blocks, 1)
+        )
+        local, totals = grad_q, grad_q  # unused pointers without decay
+        if mode != _NO_DECAY:
+            local = _new_output((*gate_layout[:2], row_blocks * rows, gate_layout[3]), q, f32)
+            totals = _new_output(gate_layout, q, f32)
+        _backward_dqk_kernel[(row_blocks, dqk_k_blocks, B * H)](
+            q, k, v, cum, states, grad_ends, grad_o, grad_q, grad_k, local, totals, scale, L, Dk, Dv,
+            chunks, row_blocks, **dqk,
         )  # fmt: skip
-        grad_q = _new_output((B, H, L, Dk), q, f32)
-        grad_k = _new_output((B, H, L, Dk), q, f32)
-        grad_v = _new_output((B, H, L, Dv), q, f32)
-        rows = _triton.cdiv(L, sizes["ROWS"])
-        grid = (rows, _triton.cdiv(Dk, sizes["BLOCK_K"]), B * H)
-        # grad_cum: d loss / d cumulative log-gate, written by the dq kernel and completed by the dk one.
-        grad_cum = _new_output((B, H, L, Dk), q, f32) if mode != _NO_DECAY else grad_q  # else: unused
-        _backward_dq_kernel[grid](
-            q, k, v, cum, states, grad_o, grad_q, grad_cum, scale, L, Dk, Dv, chunks, **common
+        _backward_dv_kernel[(row_blocks, v_blocks, B * H)](
+            q, k, cum, grad_ends, grad_o, grad_v, scale, L, Dk, Dv, chunks, **common
         )
-        _backward_dk_kernel[grid](
-            q, k, v, cum, grad_ends, grad_o, grad_k, grad_cum, scale, L, Dk, Dv, chunks, **common
-        )
-        grid = (rows, _triton.cdiv(Dv, sizes["BLOCK_V"]), B * H)
-        _backward_dv_kernel[grid](q, k, cum, grad_ends, grad_o, grad_v, scale, L, Dk, Dv, chunks, **common)
 
         grad_gates = None
         if mode != _NO_DECAY:
-            grad_gates = _gate_gradient(grad_cum, final, grad_final if has_grad_final else None)
+            grad_gates = _gate_gradient(local, totals, final, grad_final, L, rows).view(B, H, L, -1)
             if mode == _SCALAR_DECAY:
-                grad_gates = grad_gates.sum(-1)
+                grad_gates = grad_gates.squeeze(-1)
             if ctx.gate_shape[0] == 1 and B > 1:
                 grad_gates = grad_gates.sum(0, keepdim=True)
             grad_gates = grad_gates.to(ctx.gate_dtype)
         grad_state = None if initial_state is None else grad_initial.to(initial_state.dtype)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_gates, grad_state, None
+        return grad_q, grad_k, grad_v, grad_gates, grad_state, None
 
 
-def _chunk_cumulative_gates(gates: torch.Tensor, q: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Cumulative log-gates from each chunk's start, float32 (B, H, L, 1 or Dk), read through strides."""
-    B, H, L, Dk = q.shape
-    width = Dk if gates.dim() == 4 else 1
-    cum = torch.empty(B, H, L, width, dtype=torch.float32, device=q.device)
+def _gate_strides(gates: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides (batch, head, step, key) of the log-gates, 0 along broadcast axes."""
     strides = gates.stride() if gates.dim() == 4 else (*gates.stride(), 0)
-    if gates.shape[0] == 1:
-        strides = (0, *strides[1:])
-    block = max(16, min(64, _triton.next_power_of_2(width)))
-    grid = (_triton.cdiv(L, chunk), _triton.cdiv(width, block), B * H)
-    _chunk_cumsum_kernel[grid](gates, cum, *strides, H, L, width, CHUNK=chunk, BLOCK=block)
-    return cum
+    return (0, *strides[1:]) if gates.shape[0] == 1 else strides
 
 
-def _gate_gradient(grad_cum, final, grad_final):
-    """d loss / d log-gate, float32 (B, H, L, Dk), from d loss / d b_t for the cumulative log-gate b.
+def _gate_gradient(local, totals, final, grad_final, L, rows):
+    """d loss / d log-gate, float32 (B * H, L, 1 or Dk), from the dqk kernel's row-block sums.
 
-    The loss depends on b_t only through exp(b_t) on q_t, exp(-b_t) on k_t and exp(b_L) on the final
-    state, so d loss / d b_t = q_t dq_t - k_t dk_t (the kernels leave out the s = t pair, which adds
-    the same to both and cancels) plus final * d final at the last step; a gate at step t enters
-    every b_t' with t' >= t: a reverse cumulative sum."""
+    The loss depends on the cumulative log-gate b_t (from the sequence start) only through exp(b_t)
+    on q_t, exp(-b_t) on k_t and exp(b_L) on the final state, so d loss / d b_t = q_t dq_t - k_t dk_t
+    (the kernel leaves out the s = t pair, which adds the same to both and cancels) plus
+    final * d final at the last step; a gate at step t enters every b_t' with t' >= t: a reverse
+    cumulative sum. ``local`` holds it inside each row block of ``rows`` steps and ``totals`` each
+    block's sum, both per k block for scalar decays (summed here)."""
+    # (B * H, row blocks (x rows), 1 or Dk)
+    local, totals = (x[0] if x.shape[0] == 1 else x.sum(0) for x in (local, totals))
+    # What the later row blocks add, summed from the end (no total minus a prefix: no cancellation).
+    later = torch.zeros_like(totals)
+    later[:, :-1] = totals.flip(1).cumsum(1).flip(1)[:, 1:]
     if grad_final is not None:
-        grad_cum[:, :, -1] += (final * grad_final.float()).sum(-1)
-    return grad_cum.flip(2).cumsum(2).flip(2)
+        # The final state's term sits at the last step, so every gate gets it.
+        term = (final * grad_final.float()).sum(-1).flatten(0, 1)
+        later += (term if totals.shape[-1] > 1 else term.sum(-1, keepdim=True))[:, None]
+    blocks = (local.unflatten(1, (totals.shape[1], rows)) + later[:, :, None]).flatten(1, 2)
+    return blocks[:, :L]
 
 
 if _triton is not None:
-
-    @_triton.jit
-    def _chunk_cumsum_kernel(
-        g_ptr, cum_ptr, stride_b, stride_h, stride_t, stride_k, H, L, WIDTH,
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        # cum[b, h, t] = sum of g over the chunk's steps up to t, in float32.
-        bh = tl.program_id(2)
-        pos = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = (pos < L)[:, None] & (cols < WIDTH)[None, :]
-        base = (bh // H).to(tl.int64) * stride_b + (bh % H) * stride_h
-        g = tl.load(g_ptr + base + pos[:, None] * stride_t + cols[None, :] * stride_k, mask=mask, other=0.0)
-        cum = tl.cumsum(g.to(tl.float32), axis=0)
-        out = (bh.to(tl.int64) * L + pos[:, None]) * WIDTH + cols[None, :]
-        tl.store(cum_ptr + out, cum, mask=mask)
 
     @_triton.jit
     def _load_cum(cum_ptr, bh, pos, cols, L, DK, DECAY: tl.constexpr):
@@ -247,35 +302,120 @@ if _triton is not None:
         return tl.exp(tl.where(keep, b_rows - tl.trans(b_cols), float("-inf")))
 
     @_triton.jit
-    def _forward_states_kernel(
-        k_ptr, v_ptr, cum_ptr, initial_ptr, states_ptr, final_ptr, L, DK, DV, CHUNKS,
-        HAS_INITIAL: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr, STATE_DOT: tl.constexpr,
-        CHUNK: tl.constexpr,
+    def _chunk_gates(
+        g_ptr, cum_ptr, bh, pos, k_cols, H, L, DK, stride_b, stride_h, stride_t, stride_k, write,
+        DECAY: tl.constexpr,
+    ):  # fmt: skip
+        """Cumulative log-gates from the chunk start at positions ``pos`` (one chunk), float32, from the
+        raw gates read through their strides: (CHUNK, 1) scalar, (CHUNK, BLOCK_K) per key; stored
+        into the (B * H, L, 1 or Dk) buffer where ``write``. Steps past the end add a zero log-gate,
+        so they repeat the last step's value (the convention of _load_cum)."""
+        base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+        inside = pos < L
+        if DECAY == 2:
+            mask = inside[:, None] & (k_cols < DK)[None, :]
+            g = tl.load(
+                g_ptr + base + pos[:, None] * stride_t + k_cols[None, :] * stride_k, mask=mask, other=0.0
+            )
+            b = tl.cumsum(g.to(tl.float32), axis=0)
+            offset = (bh.to(tl.int64) * L + pos[:, None]) * DK + k_cols[None, :]
+            tl.store(cum_ptr + offset, b, mask=mask & write)
+        else:
+            g = tl.load(g_ptr + base + pos * stride_t, mask=inside, other=0.0)
+            b_steps = tl.cumsum(g.to(tl.float32), axis=0)
+            tl.store(cum_ptr + bh.to(tl.int64) * L + pos, b_steps, mask=inside & write)
+            b = b_steps[:, None]
+        return b
+
+    @_triton.jit
+    def _forward_chunk_kernel(
+        k_ptr, v_ptr, g_ptr, cum_ptr, states_ptr, stride_b, stride_h, stride_t, stride_k, H, L, DK, DV,
+        CHUNKS,
+        DECAY: tl.constexpr, DOT: tl.constexpr, STATE_DOT: tl.constexpr, CHUNK: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     ):  # fmt: skip
-        # S <- exp(b_last) S + sum_s (k_s exp(b_last - b_s))^T v_s, chunk after chunk; stores the state
-        # entering every chunk.
+        # dS = sum_s (k_s exp(b_last - b_s))^T v_s over this chunk, into its slot of the states. The
+        # factors k_s exp(b_last - b_s) are at most |k_s|, so the product takes the inputs' precision.
+        chunk = tl.program_id(0)
+        v_blocks = tl.cdiv(DV, BLOCK_V)
+        k_block, v_block = tl.program_id(1) // v_blocks, tl.program_id(1) % v_blocks
         bh = tl.program_id(2)
-        k_cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        v_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        offset, mask = _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV)
-        if HAS_INITIAL:
-            S = tl.load(initial_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        pos = chunk * CHUNK + tl.arange(0, CHUNK)
+        k_cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+        v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        k = _load_tile(k_ptr, bh, pos, k_cols, L, DK, 1.0)
+        if DECAY != 0:
+            # One program per key block stores the log-gates (per-key decay; one in all for scalar ones).
+            write = v_block == 0 if DECAY == 2 else tl.program_id(1) == 0
+            b = _chunk_gates(
+                g_ptr, cum_ptr, bh, pos, k_cols, H, L, DK, stride_b, stride_h, stride_t, stride_k, write,
+                DECAY,
+            )  # fmt: skip
+            # b_last: the stored value at the chunk's last step, the one the pass over chunks reads.
+            last = tl.minimum(chunk * CHUNK + CHUNK, L) - 1
+            b_last = tl.sum(tl.where((pos == last)[:, None], b, 0.0), axis=0)[None, :]
+            k = k * tl.exp(b_last - b)
+        v = _load_tile(v_ptr, bh, pos, v_cols, L, DV, 1.0)
+        offset, mask = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
+        tl.store(states_ptr + offset, dot(tl.trans(k), v, DOT), mask=mask)
+
+    @_triton.jit
+    def _backward_chunk_kernel(
+        q_ptr, grad_o_ptr, cum_ptr, grad_ends_ptr, scale, L, DK, DV, CHUNKS,
+        DECAY: tl.constexpr, DOT: tl.constexpr, STATE_DOT: tl.constexpr, CHUNK: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):  # fmt: skip
+        # dG = sum_t (q_t exp(b_t))^T do_t over this chunk, into its slot: what the chunk's outputs add
+        # to the gradient of the state entering it. exp(b_t) <= 1, so the inputs' precision again.
+        chunk = tl.program_id(0)
+        v_blocks = tl.cdiv(DV, BLOCK_V)
+        k_block, v_block = tl.program_id(1) // v_blocks, tl.program_id(1) % v_blocks
+        bh = tl.program_id(2)
+        pos = chunk * CHUNK + tl.arange(0, CHUNK)
+        k_cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+        v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        q = _load_tile(q_ptr, bh, pos, k_cols, L, DK, scale)
+        if DECAY != 0:
+            q = q * tl.exp(_load_cum(cum_ptr, bh, pos, k_cols, L, DK, DECAY))
+        grad_o = _load_tile(grad_o_ptr, bh, pos, v_cols, L, DV, 1.0)
+        offset, mask = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
+        tl.store(grad_ends_ptr + offset, dot(tl.trans(q), grad_o, DOT), mask=mask)
+
+    @_triton.jit
+    def _state_pass_kernel(
+        states_ptr, cum_ptr, start_ptr, end_ptr, L, DK, DV, CHUNKS,
+        HAS_START: tl.constexpr, REVERSE: tl.constexpr, DECAY: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK_E: tl.constexpr, STAGES: tl.constexpr,
+    ):  # fmt: skip
+        # X <- exp(b_last) X + (slot c) over the chunks c (from the last with REVERSE), storing into
+        # slot c, in place, the X met before chunk c: forward, the state entering chunk c; backward,
+        # the gradient of the state at the end of chunk c. Elementwise per state entry (the decay is
+        # one number, or one per key row), on BLOCK_E consecutive entries of the (Dk, Dv) state.
+        bh = tl.program_id(1)
+        entries = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)  # flat (key, value) indices
+        inside = entries < DK * DV
+        keys = entries // DV
+        edge = bh.to(tl.int64) * DK * DV + entries
+        if HAS_START:
+            X = tl.load(start_ptr + edge, mask=inside, other=0.0).to(tl.float32)
         else:
-            S = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-        for chunk in range(CHUNKS):
-            chunk_offset, _ = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
-            tl.store(states_ptr + chunk_offset, S, mask=mask)
-            pos = chunk * CHUNK + tl.arange(0, CHUNK)
-            k = _load_tile(k_ptr, bh, pos, k_cols, L, DK, 1.0)
-            v = _load_tile(v_ptr, bh, pos, v_cols, L, DV, 1.0)
+            X = tl.zeros([BLOCK_E], dtype=tl.float32)
+        # The loads of a chunk's slot and gates do not depend on X: STAGES chunks ahead can be in
+        # flight (software pipelining), so the walk is not one memory latency per chunk.
+        for step in tl.range(0, CHUNKS, num_stages=STAGES):
+            chunk = CHUNKS - 1 - step if REVERSE else step
+            offsets = (bh.to(tl.int64) * CHUNKS + chunk) * DK * DV + entries
+            own = tl.load(states_ptr + offsets, mask=inside, other=0.0)
+            tl.store(states_ptr + offsets, X, mask=inside)
             if DECAY != 0:
+                # The log-gate over the whole chunk, for each entry's key row (scalar decays: one for
+                # all entries, still loaded as a tensor, so that it is prefetched like the slot).
                 last = tl.minimum(chunk * CHUNK + CHUNK, L) - 1
-                b_last = _load_cum(cum_ptr, bh, tl.zeros([1], tl.int32) + last, k_cols, L, DK, DECAY)
-                k = k * tl.exp(b_last - _load_cum(cum_ptr, bh, pos, k_cols, L, DK, DECAY))
-                S = S * tl.exp(tl.trans(b_last))
-            S += dot(tl.trans(k), v, STATE_DOT)
-        tl.store(final_ptr + offset, S, mask=mask)
+                row = bh.to(tl.int64) * L + last
+                offset = row * DK + keys if DECAY == 2 else row + keys * 0
+                X = X * tl.exp(tl.load(cum_ptr + offset, mask=inside, other=0.0))
+            X += own
+        tl.store(end_ptr + edge, X, mask=inside)
 
     @_triton.jit
     def _forward_output_kernel(
@@ -345,80 +485,105 @@ if _triton is not None:
         return scores
 
     @_triton.jit
-    def _backward_states_kernel(
-        q_ptr, grad_o_ptr, cum_ptr, grad_final_ptr, grad_ends_ptr, grad_initial_ptr, scale, L, DK, DV,
-        CHUNKS, HAS_GRAD_FINAL: tl.constexpr, DECAY: tl.constexpr, DOT: tl.constexpr,
-        STATE_DOT: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-    ):  # fmt: skip
-        # G <- exp(b_last) G + sum_t (q_t exp(b_t))^T do_t, chunk after chunk from the end: before the
-        # update G is the gradient of the state at the end of the chunk, which is what is stored.
-        bh = tl.program_id(2)
-        k_cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-        v_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        offset, mask = _state_offsets(bh, 0, 1, k_cols, v_cols, DK, DV)
-        if HAS_GRAD_FINAL:
-            G = tl.load(grad_final_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        else:
-            G = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-        for step in range(CHUNKS):
-            chunk = CHUNKS - 1 - step
-            chunk_offset, _ = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
-            tl.store(grad_ends_ptr + chunk_offset, G, mask=mask)
-            pos = chunk * CHUNK + tl.arange(0, CHUNK)
-            q = _load_tile(q_ptr, bh, pos, k_cols, L, DK, scale)
-            grad_o = _load_tile(grad_o_ptr, bh, pos, v_cols, L, DV, 1.0)
-            if DECAY != 0:
-                last = tl.minimum(chunk * CHUNK + CHUNK, L) - 1
-                b_last = _load_cum(cum_ptr, bh, tl.zeros([1], tl.int32) + last, k_cols, L, DK, DECAY)
-                q = q * tl.exp(_load_cum(cum_ptr, bh, pos, k_cols, L, DK, DECAY))
-                G = G * tl.exp(tl.trans(b_last))
-            G += dot(tl.trans(q), grad_o, STATE_DOT)
-        tl.store(grad_initial_ptr + offset, G, mask=mask)
-
-    @_triton.jit
-    def _backward_dq_kernel(
-        q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, grad_o_ptr, grad_q_ptr, grad_cum_ptr, scale, L, DK, DV,
-        CHUNKS,
+    def _backward_dqk_kernel(
+        q_ptr, k_ptr, v_ptr, cum_ptr, states_ptr, grad_ends_ptr, grad_o_ptr, grad_q_ptr, grad_k_ptr,
+        local_ptr, totals_ptr, scale, L, DK, DV, CHUNKS, ROW_BLOCKS,
         DECAY: tl.constexpr, DOT: tl.constexpr, STATE_DOT: tl.constexpr, CHUNK: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
     ):  # fmt: skip
-        # dq_t = scale [exp(b_t) (do_t S_entering^T) + sum_{s <= t in the chunk} (do_t . v_s) w(t, s) k_s].
+        # For the rows t (as queries) and s (as keys) of this block:
+        # dq_t = scale [exp(b_t) (do_t S_c^T) + sum_{s <= t in the chunk} (do_t . v_s) w(t, s) k_s],
+        # dk_s = exp(b_last - b_s) (v_s G_c^T) + sum_{t >= s in the chunk} (v_s . do_t) w(t, s) q_t,
+        # with S_c the state entering the chunk and G_c the gradient of the state at its end. dq is
+        # finished and stored before dk starts, so that fewer tiles are live at once.
         bh = tl.program_id(2)
         first = tl.program_id(0) * ROWS
         rows = first + tl.arange(0, ROWS)
         chunk = first // CHUNK
-        cols = chunk * CHUNK + tl.arange(0, CHUNK)
+        cols = chunk * CHUNK + tl.arange(0, CHUNK)  # the chunk's positions
         k_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if DECAY != 0:
+            b_rows = _load_cum(cum_ptr, bh, rows, k_cols, L, DK, DECAY)
+
+        # dq, from the state entering the chunk and the pairs do_t . v_s.
         from_state = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-        grad_scores = tl.zeros([ROWS, CHUNK], dtype=tl.float32)  # do_t . v_s
+        q_pairs = tl.zeros([ROWS, CHUNK], dtype=tl.float32)  # do_t . v_s, indexed (t, s)
         for v_block in range(tl.cdiv(DV, BLOCK_V)):
             v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
             grad_o = _load_tile(grad_o_ptr, bh, rows, v_cols, L, DV, 1.0)
             offset, mask = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
-            S = tl.load(states_ptr + offset, mask=mask, other=0.0)
-            from_state += dot(grad_o, tl.trans(S), STATE_DOT)
-            grad_scores += dot(grad_o, tl.trans(_load_tile(v_ptr, bh, cols, v_cols, L, DV, 1.0)), DOT)
-        k = _load_tile(k_ptr, bh, cols, k_cols, L, DK, 1.0)
+            from_state += dot(grad_o, tl.trans(tl.load(states_ptr + offset, mask=mask, other=0.0)), STATE_DOT)
+            q_pairs += dot(grad_o, tl.trans(_load_tile(v_ptr, bh, cols, v_cols, L, DV, 1.0)), DOT)
+        k_cols_tile = _load_tile(k_ptr, bh, cols, k_cols, L, DK, 1.0)
         if DECAY == 0:
-            grad_q = from_state + dot(tl.where(cols[None, :] <= rows[:, None], grad_scores, 0.0), k, DOT)
+            grad_q = from_state + dot(
+                tl.where(cols[None, :] <= rows[:, None], q_pairs, 0.0), k_cols_tile, DOT
+            )
         elif DECAY == 1:
-            b_rows = _load_cum(cum_ptr, bh, rows, k_cols, L, DK, DECAY)
             weights = _pair_gates(b_rows, _load_cum(cum_ptr, bh, cols, k_cols, L, DK, DECAY), rows, cols)
-            grad_q = from_state * tl.exp(b_rows) + dot(grad_scores * weights, k, DOT)
+            grad_q = from_state * tl.exp(b_rows) + dot(q_pairs * weights, k_cols_tile, DOT)
         else:
-            b_rows = _load_cum(cum_ptr, bh, rows, k_cols, L, DK, DECAY)
             grad_q = from_state * tl.exp(b_rows) + _per_key_contraction(
-                grad_scores, b_rows, k, first, rows, cols, bh, k_ptr, cum_ptr, k_cols, L, DK,
+                q_pairs, b_rows, k_cols_tile, first, rows, cols, bh, k_ptr, cum_ptr, k_cols, L, DK,
                 DOT, CHUNK, ROWS, 1.0,
             )  # fmt: skip
         _store_tile(grad_q_ptr, grad_q * scale, bh, rows, k_cols, L, DK)
         if DECAY != 0:
-            # The q side of d loss / d b_t, q_t dq_t, without the s = t pair (see _gate_gradient).
-            diagonal = tl.sum(tl.where(cols[None, :] == rows[:, None], grad_scores, 0.0), axis=1)
+            # d loss / d b_t = q_t dq_t - k_t dk_t, both without the s = t pair (the same in both, it
+            # cancels; leaving it out spares float32 the cancellation): the q side here.
+            diagonal = tl.sum(tl.where(cols[None, :] == rows[:, None], q_pairs, 0.0), axis=1)[:, None]
             k_rows = _load_tile(k_ptr, bh, rows, k_cols, L, DK, 1.0)
+            grad_b = _load_tile(q_ptr, bh, rows, k_cols, L, DK, scale) * (grad_q - diagonal * k_rows)
+
+        # dk, from the gradient of the state at the chunk's end and the pairs v_s . do_t.
+        from_state = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        k_pairs = tl.zeros([ROWS, CHUNK], dtype=tl.float32)  # v_s . do_t, indexed (s, t)
+        for v_block in range(tl.cdiv(DV, BLOCK_V)):
+            v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+            v = _load_tile(v_ptr, bh, rows, v_cols, L, DV, 1.0)
+            offset, mask = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
+            from_state += dot(v, tl.trans(tl.load(grad_ends_ptr + offset, mask=mask, other=0.0)), STATE_DOT)
+            if ROWS != CHUNK:
+                k_pairs += dot(v, tl.trans(_load_tile(grad_o_ptr, bh, cols, v_cols, L, DV, 1.0)), DOT)
+        if ROWS == CHUNK:
+            k_pairs = tl.trans(q_pairs)  # the rows are the whole chunk: the same products, transposed
+        q_cols = _load_tile(q_ptr, bh, cols, k_cols, L, DK, scale)
+        if DECAY == 0:
+            grad_k = from_state + dot(tl.where(cols[None, :] >= rows[:, None], k_pairs, 0.0), q_cols, DOT)
+        else:
+            last = tl.minimum(chunk * CHUNK + CHUNK, L) - 1
+            b_last = _load_cum(cum_ptr, bh, tl.zeros([1], tl.int32) + last, k_cols, L, DK, DECAY)
+            from_state *= tl.exp(b_last - b_rows)
+            if DECAY == 1:
+                b_cols = _load_cum(cum_ptr, bh, cols, k_cols, L, DK, DECAY)
+                weights = tl.trans(_pair_gates(b_cols, b_rows, cols, rows))
+                grad_k = from_state + dot(k_pairs * weights, q_cols, DOT)
+            else:
+                grad_k = from_state + _per_key_contraction_later(
+                    k_pairs, b_rows, q_cols, first, rows, cols, bh, q_ptr, cum_ptr, k_cols, L, DK,
+                    DOT, CHUNK, ROWS, scale,
+                )  # fmt: skip
+        _store_tile(grad_k_ptr, grad_k, bh, rows, k_cols, L, DK)
+
+        if DECAY != 0:
+            # The k side (q and k rows read again, from cache: fewer live tiles), then the sum from
+            # the block's end and the block's total.
             q_rows = _load_tile(q_ptr, bh, rows, k_cols, L, DK, scale)
-            _store_tile(grad_cum_ptr, q_rows * (grad_q - diagonal[:, None] * k_rows), bh, rows, k_cols, L, DK)
+            grad_b -= _load_tile(k_ptr, bh, rows, k_cols, L, DK, 1.0) * (grad_k - diagonal * q_rows)
+            padded = ROW_BLOCKS * ROWS
+            if DECAY == 2:
+                offset = (bh.to(tl.int64) * padded + rows[:, None]) * DK + k_cols[None, :]
+                mask = (rows < L)[:, None] & (k_cols < DK)[None, :]
+                tl.store(local_ptr + offset, tl.cumsum(grad_b, axis=0, reverse=True), mask=mask)
+                total_offset = (bh.to(tl.int64) * ROW_BLOCKS + tl.program_id(0)) * DK + k_cols
+                tl.store(totals_ptr + total_offset, tl.sum(grad_b, axis=0), mask=k_cols < DK)
+            else:
+                # Scalar decays: summed over this block's key channels (the host sums the blocks).
+                grad_b = tl.sum(grad_b, axis=1)
+                series = tl.program_id(1) * tl.num_programs(2) + bh.to(tl.int64)
+                local = tl.cumsum(grad_b, axis=0, reverse=True)
+                tl.store(local_ptr + series * padded + rows, local, mask=rows < L)
+                tl.store(totals_ptr + series * ROW_BLOCKS + tl.program_id(0), tl.sum(grad_b, axis=0))
 
     @_triton.jit
     def _per_key_contraction(
@@ -442,56 +607,6 @@ if _triton is not None:
             column = tl.sum(tl.where(cols[None, :] == s, pair, 0.0), axis=1)
             out += column[:, None] * x_s * weights
         return out
-
-    @_triton.jit
-    def _backward_dk_kernel(
-        q_ptr, k_ptr, v_ptr, cum_ptr, grad_ends_ptr, grad_o_ptr, grad_k_ptr, grad_cum_ptr, scale, L, DK,
-        DV, CHUNKS,
-        DECAY: tl.constexpr, DOT: tl.constexpr, STATE_DOT: tl.constexpr, CHUNK: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):  # fmt: skip
-        # dk_s = exp(b_last - b_s) (v_s G_end^T) + sum_{t >= s in the chunk} (v_s . do_t) w(t, s) q_t.
-        bh = tl.program_id(2)
-        first = tl.program_id(0) * ROWS
-        rows = first + tl.arange(0, ROWS)  # the s
-        chunk = first // CHUNK
-        cols = chunk * CHUNK + tl.arange(0, CHUNK)  # the t
-        k_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        from_state = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-        grad_scores = tl.zeros([ROWS, CHUNK], dtype=tl.float32)  # v_s . do_t, indexed (s, t)
-        for v_block in range(tl.cdiv(DV, BLOCK_V)):
-            v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
-            v = _load_tile(v_ptr, bh, rows, v_cols, L, DV, 1.0)
-            offset, mask = _state_offsets(bh, chunk, CHUNKS, k_cols, v_cols, DK, DV)
-            G = tl.load(grad_ends_ptr + offset, mask=mask, other=0.0)
-            from_state += dot(v, tl.trans(G), STATE_DOT)
-            grad_scores += dot(v, tl.trans(_load_tile(grad_o_ptr, bh, cols, v_cols, L, DV, 1.0)), DOT)
-        q = _load_tile(q_ptr, bh, cols, k_cols, L, DK, scale)
-        if DECAY == 0:
-            grad_k = from_state + dot(tl.where(cols[None, :] >= rows[:, None], grad_scores, 0.0), q, DOT)
-        else:
-            last = tl.minimum(chunk * CHUNK + CHUNK, L) - 1
-            b_last = _load_cum(cum_ptr, bh, tl.zeros([1], tl.int32) + last, k_cols, L, DK, DECAY)
-            b_rows = _load_cum(cum_ptr, bh, rows, k_cols, L, DK, DECAY)
-            from_state *= tl.exp(b_last - b_rows)
-            if DECAY == 1:
-                b_cols = _load_cum(cum_ptr, bh, cols, k_cols, L, DK, DECAY)
-                weights = tl.trans(_pair_gates(b_cols, b_rows, cols, rows))
-                grad_k = from_state + dot(grad_scores * weights, q, DOT)
-            else:
-                grad_k = from_state + _per_key_contraction_later(
-                    grad_scores, b_rows, q, first, rows, cols, bh, q_ptr, cum_ptr, k_cols, L, DK,
-                    DOT, CHUNK, ROWS, scale,
-                )  # fmt: skip
-        _store_tile(grad_k_ptr, grad_k, bh, rows, k_cols, L, DK)
-        if DECAY != 0:
-            # Minus the k side, k_s dk_s without the s = t pair; the dq kernel wrote the q side.
-            diagonal = tl.sum(tl.where(cols[None, :] == rows[:, None], grad_scores, 0.0), axis=1)
-            q_rows = _load_tile(q_ptr, bh, rows, k_cols, L, DK, scale)
-            k_rows = _load_tile(k_ptr, bh, rows, k_cols, L, DK, 1.0)
-            q_side = _load_tile(grad_cum_ptr, bh, rows, k_cols, L, DK, 1.0)
-            grad_cum = q_side - k_rows * (grad_k - diagonal[:, None] * q_rows)
-            _store_tile(grad_cum_ptr, grad_cum, bh, rows, k_cols, L, DK)
 
     @_triton.jit
     def _per_key_contraction_later(

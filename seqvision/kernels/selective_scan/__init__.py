@@ -29,13 +29,14 @@ over the chunk's steps (:func:`seqvision.kernels.linear_recurrence.scan_chunk`) 
 The chunk form only multiplies gates and adds, never divides by a cumulative gate, so it is exact
 for any decay.
 
-``backend="triton"`` (or ``"auto"`` on CUDA tensors) runs a fused kernel for float32, float16 and
-bfloat16 inputs: one program per (batch, block of channels), walking the sequence with the (channels,
-N) state in registers and float32 arithmetic, with the bias, softplus, D skip and z gate fused in and
-every input read in place through its strides. The forward pass keeps the state only every
-``chunk_size`` steps; the backward pass walks the chunks last to first, recomputes one chunk's states
-from its checkpoint and runs the reverse scan through them, so memory grows with L / chunk_size, not
-with L. Float64 inputs run the PyTorch forms.
+``backend="triton"`` (or ``"auto"`` on CUDA tensors) runs fused kernels for float32, float16 and
+bfloat16 inputs: a chunked scan in parallel over (batch, block of channels, chunk of ``chunk_size``
+steps, at most 128), in float32, with the bias, softplus, D skip and z gate fused in and every input
+read in place through its strides. Each chunk's end state from a zero start, then a pass over the
+chunks for the state entering each (kept for the backward pass: memory grows with L / chunk_size,
+not with L), then every chunk rescanned from it; the backward pass runs the same three phases on
+the state gradient, recomputing each chunk from its checkpoint. Float64 inputs run the PyTorch
+forms.
 
 This package: :mod:`.reference` holds the two PyTorch forms, :mod:`.triton` the Triton kernels
 and their launch; this file checks the arguments and picks the backend.
@@ -87,8 +88,8 @@ def selective_scan(
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the state after the last step (B, D, N).
         form: ``"chunk"`` (default) or ``"recurrent"``.
-        chunk_size: steps per chunk for the chunk form; for the Triton kernel, the steps between two
-            saved states (the backward pass recomputes one chunk at a time from them).
+        chunk_size: steps per chunk for the chunk form; for the Triton kernels, the chunks scanned
+            in parallel (at most 128 steps; the state entering each is kept for the backward pass).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. The Triton kernel ignores ``form`` and
             takes float32, float16 and bfloat16 inputs; ``"triton"`` with float64 inputs is an error,
             ``"auto"`` (also under SEQVISION_BACKEND=triton) runs them through the PyTorch forms.
