@@ -59,38 +59,37 @@ def finetune_seg(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from seqvision.eval.em.demo import FULL, QUICK, run_demo
+    from seqvision.eval.em.demo import DEFAULT, FULL, QUICK, run_demo
+    from seqvision.eval.em.demo.report import probe_table, summary_table
 
-    if args.seed < 0 or (args.threads is not None and args.threads < 1):
-        return usage_error("demo", "--seed must be >= 0 and --threads >= 1")
+    if (args.jobs is not None and args.jobs < 1) or (args.threads is not None and args.threads < 1):
+        return usage_error("demo", "--jobs and --threads must be >= 1")
     configure_logging()
-    settings = QUICK if args.quick else FULL
+    settings = QUICK if args.quick else FULL if args.full else DEFAULT
     if args.threads is not None:
         settings = dataclasses.replace(settings, threads=args.threads)
     try:
-        result = run_demo(args.output_dir, seed=args.seed, settings=settings)
+        result = run_demo(args.output_dir, settings=settings, jobs=args.jobs)
     except FileNotFoundError as err:
         return usage_error("demo", err)
-    header = ("model", "VOI split", "VOI merge", "VOI sum", "ARAND", "segments")
-    table = [header] + [
-        (
-            row.label,
-            f"{row.scores.voi_split:.4f}",
-            f"{row.scores.voi_merge:.4f}",
-            f"{row.scores.voi_sum:.4f}",
-            f"{row.scores.arand:.4f}",
-            str(row.scores.n_segments),
-        )
-        for row in result.rows
-    ]
-    print(format_table(table))
-    settings = result.settings
+    threshold = settings.thresholds[0]
+    print(format_table(summary_table(result.summaries, result.baselines, threshold)))
     print(
-        f"\nheld-out synthetic volume {'x'.join(map(str, settings.test_shape))} (seed {result.seed + 1}), "
-        f"agglomeration threshold {settings.thresholds[0]:g}; {settings.pretrain_steps} pretraining "
-        f"steps, {settings.finetune_steps} fine-tuning steps per model; {result.seconds['total']:.0f} s"
+        f"\nVOI sum and ARAND: mean ± sd over seeds {list(settings.seeds)}, each the mean over "
+        f"{settings.test_volumes} held-out volume(s) {'x'.join(map(str, settings.test_shape))}, "
+        f"agglomeration threshold {threshold:g}; difference = TokenUnify-initialised - scratch "
+        f"(paired by seed, < 0: pretraining helps). {settings.pretrain_steps} pretraining steps "
+        f"on {settings.corpus_volumes} unlabelled volumes, {settings.finetune_steps} fine-tuning "
+        "steps per run.\n"
     )
-    for name in ("results_csv", "results_json", "figure_scratch", "figure_tokenunify"):
+    print(format_table(probe_table(result.probe)))
+    print(
+        "\nlinear probe: ROC AUC of boundary vs interior voxels of the held-out volumes, logistic "
+        "regression on frozen features (mean ± sd over seeds)\n"
+    )
+    print("\n".join(result.headline))
+    print(f"\n{result.seconds['total']:.0f} s with {result.jobs} job(s)")
+    for name in ("summary_csv", "results_csv", "probe_csv", "results_json", "curve", "probe_figure"):
         print(f"wrote {result.files[name]}")
     return 0
 
@@ -177,12 +176,24 @@ def add_parsers(commands: Any) -> None:
 
     job = commands.add_parser(
         "demo",
-        help="the main job: TokenUnify pretraining vs scratch on synthetic EM, segmented and scored",
+        help="the main job: does TokenUnify pretraining help when labels are scarce? (synthetic EM)",
     )
     job.add_argument("--output-dir", default="seqvision_demo", help="default: ./seqvision_demo")
-    job.add_argument("--quick", action="store_true", help="about one minute: smaller volumes, fewer steps")
-    job.add_argument("--seed", type=int, default=0, help="training seed; the held-out volume uses seed + 1")
-    job.add_argument("--threads", type=int, default=None, help="torch threads (default 1, see docs/EM.md)")
+    size = job.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="under a minute: a smoke test, its numbers mean nothing"
+    )
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the large grid (more budgets, seeds and steps): for a GPU, hours on a CPU",
+    )
+    job.add_argument(
+        "--jobs", type=int, default=None, help="worker processes (default: one per core on a CPU, 1 on a GPU)"
+    )
+    job.add_argument(
+        "--threads", type=int, default=None, help="torch threads per job (default 1, see docs/EM.md)"
+    )
     job.set_defaults(run=demo)
 
     seg = commands.add_parser(

@@ -194,6 +194,8 @@ class LoopConfig(TypedSection):
             other parameters get 1. Warmup and cosine scale every group alike.
         eval_every: call ``train``'s ``evaluate`` every this many steps (and always at the last
             step); None: only at the last step.
+        progress: show a tqdm bar over the steps (main process only); false for runs launched in
+            bulk that report progress their own way (``seqvision demo``).
     """
 
     section_name: ClassVar[str] = "training"
@@ -223,6 +225,7 @@ class LoopConfig(TypedSection):
     project_name: str = "train"
     lr_scales: dict[str, float] | None = None
     eval_every: int | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)

@@ -462,7 +462,10 @@ def train(
     evaluations: list[dict[str, float]] = []
     last_checkpoint, window = start, _Window()
     progress = tqdm(
-        total=config.steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
+        total=config.steps,
+        initial=state.step,
+        desc="train",
+        disable=not (config.progress and accelerator.is_local_main_process),
     )
     run.model.train()
     try:

@@ -392,3 +392,10 @@ def test_two_cpu_processes_train_like_one_with_the_global_batch(tmp_path):
     ddp = load_file(checkpoint / "model.safetensors")
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ddp[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_progress_false_hides_the_step_bar(tmp_path, capsys):
+    train(ToyRegressor(), ToyVolumes(), _config(tmp_path / "shown", steps=2))
+    assert "train:" in capsys.readouterr().err
+    train(ToyRegressor(), ToyVolumes(), _config(tmp_path / "hidden", steps=2, progress=False))
+    assert "train:" not in capsys.readouterr().err

@@ -8,7 +8,9 @@
 * ``postprocess``: watershed fragments and agglomeration (waterz, or a NumPy fallback).
 * ``metrics``: variation of information (split / merge) and adapted Rand error.
 * ``figure``: raw, affinities, segmentation and ground truth in one picture.
-* ``demo``: pretraining against scratch end to end on synthetic volumes (``seqvision demo``).
+* ``probe``: a linear probe of boundary voxels on an encoder's frozen features.
+* ``demo``: the label-efficiency experiment, TokenUnify-initialised against scratch over labelled
+  budgets and seeds, and the probe, on synthetic volumes (``seqvision demo``).
 """
 
 from .affinity import AffinityLoss, AffinityModel, affinity_forward, affinity_targets
