@@ -3,6 +3,11 @@
 #
 #   OUT=benchmarks/out/gpu bash benchmarks/gpu_session.sh        # from the repository root
 #
+# Before a lease, on any machine: `TRITON_INTERPRET=1 python benchmarks/kernels_compile.py
+# --triton-site DIR` (DIR: `pip install --no-deps --target DIR triton==<the device's version>`)
+# compiles every launch below for sm_90 with that Triton, so none of the GPU's minutes go to a
+# kernel that does not compile or fit.
+#
 # Runs without installing the package (PYTHONPATH). Wheels: .whl/ (gitignored; carried to the
 # machine with the working tree) holds what the lent machine lacked or may lack, fetched with
 # `pip download --no-deps -d .whl fla-core==0.6.0 einops==0.8.2 timm==1.0.31 packaging==26.4`:

@@ -73,9 +73,13 @@ if _triton is not None:
 _NO_DECAY, _SCALAR_DECAY, _PER_KEY_DECAY = 0, 1, 2
 # The pass over chunk states: state entries per program, and chunks whose loads it keeps in flight.
 _PASS_ENTRIES, _PASS_STAGES = 256, 4
-# Launch options of the tile kernels: compiled for sm_90 with 64 x 64 tiles (bfloat16), 4 warps
-# spilled registers in the output, dq / dk and dv kernels; 8 warps and 2 pipeline stages do not.
+# Launch options of the tile kernels, from compiling them for sm_90 (benchmarks/kernels_compile.py):
+# with 64 x 64 bfloat16 tiles, 4 warps spilled registers in the output, dq / dk and dv kernels; 8
+# warps and 2 pipeline stages do not. float32 inputs multiply without tensor cores (exact products)
+# and keep more live: at 8 warps their output and dv kernels used all 255 registers and still spilled
+# (up to 1 KiB per thread), at 16 warps and 1 stage they take 78-128 and spill nothing.
 _TILE_LAUNCH = {"num_warps": 8, "num_stages": 2}
+_FLOAT32_OUTPUT_LAUNCH = {"num_warps": 16, "num_stages": 1}  # the output and dv kernels, float32
 # The dq / dk kernel keeps about twice the tiles of the others live: key blocks of at most 32.
 _DQK_BLOCK_K = 32
 
@@ -118,6 +122,11 @@ def _dot_modes(dtype: torch.dtype) -> dict[str, int]:
     sequence so far, which can outgrow float16's range) in float32 or tf32."""
     mode = dot_mode(dtype)
     return {"DOT": mode, "STATE_DOT": DOT_IEEE if mode == DOT_IEEE else DOT_TF32}
+
+
+def _output_launch(dtype: torch.dtype) -> dict[str, int]:
+    """Launch options of the output and dv kernels (they replace _TILE_LAUNCH's) for inputs of dtype."""
+    return _FLOAT32_OUTPUT_LAUNCH if dtype == torch.float32 else _TILE_LAUNCH
 
 
 def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None):
@@ -168,7 +177,8 @@ class _LinearAttentionTriton(torch.autograd.Function):
         # (3) The outputs.
         o = _new_output((B, H, L, Dv), q)
         grid = (_triton.cdiv(L, sizes["ROWS"]), v_blocks, B * H)
-        _forward_output_kernel[grid](q, k, v, cum, states, o, scale, L, Dk, Dv, chunks, **common)
+        outputs = {**common, **_output_launch(q.dtype)}
+        _forward_output_kernel[grid](q, k, v, cum, states, o, scale, L, Dk, Dv, chunks, **outputs)
 
         ctx.save_for_backward(q, k, v, cum, states, final, initial_state)
         ctx.mode, ctx.sizes, ctx.scale = mode, sizes, scale
@@ -216,8 +226,9 @@ class _LinearAttentionTriton(torch.autograd.Function):
             q, k, v, cum, states, grad_ends, grad_o, grad_q, grad_k, local, totals, scale, L, Dk, Dv,
             chunks, row_blocks, **dqk,
         )  # fmt: skip
+        dv = {**common, **_output_launch(q.dtype)}
         _backward_dv_kernel[(row_blocks, v_blocks, B * H)](
-            q, k, cum, grad_ends, grad_o, grad_v, scale, L, Dk, Dv, chunks, **common
+            q, k, cum, grad_ends, grad_o, grad_v, scale, L, Dk, Dv, chunks, **dv
         )
 
         grad_gates = None

@@ -95,8 +95,11 @@ _MAX_BLOCK_D = 32
 # Steps per chunk at most: a chunk is one register tile along L (tests lower it).
 _MAX_CHUNK = 128
 # Largest (channels x steps) tile per program: the backward kernel keeps about fifteen such float32
-# tiles live, which four warps hold in registers at 1024.
+# tiles live. Compiled for sm_90 (benchmarks/kernels_compile.py), a full tile at Triton's default 4
+# warps took all 255 registers in the backward kernel (and spilled 156 bytes per thread for float32
+# inputs) and spilled in the rescan; at 8 warps they take 177-213 and 63-80 registers and spill nothing.
 _MAX_TILE = 1024
+_FULL_TILE_WARPS = 8
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -128,6 +131,8 @@ class _Launch:
         self.block_d = min(cap, _triton.next_power_of_2(self.per_group))
         self.blocks_per_group = _triton.cdiv(self.per_group, self.block_d)
         self.programs = groups * self.blocks_per_group
+        # Warps of the rescan and backward kernels (the others keep few tiles live: 4 suffice).
+        self.num_warps = _FULL_TILE_WARPS if self.block_d * self.block_t >= _MAX_TILE else 4
 
     def grid(self, chunks: int) -> tuple[int]:
         return (self.programs * chunks * self.batch,)
@@ -218,6 +223,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             y, last_state, *launch.sizes(),
             *u.stride(), *delta.stride(), *_channel_strides(z), *_bc_strides(B), *_bc_strides(C),
             C_FIXED=C.dim() == 2, HAS_D=D is not None, HAS_Z=z is not None, **flags,
+            num_warps=launch.num_warps,
         )  # fmt: skip
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
@@ -263,7 +269,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             _or(grad_D, grad_A), _or(grad_bias, grad_A), *launch.sizes(),
             *u.stride(), *delta.stride(), *_channel_strides(z), *grad_y.stride(),
             *_bc_strides(B), *_bc_strides(C),
-            B_FIXED=B.dim() == 2, HAS_D=D is not None, **flags,
+            B_FIXED=B.dim() == 2, HAS_D=D is not None, **flags, num_warps=launch.num_warps,
         )  # fmt: skip
         return (
             grad_u,
