@@ -29,6 +29,9 @@
 #                         to estimate from, and 64 x 6,084 tokens already fill the GPU's cores)
 #   models_eval       40  eval at 512 and 1248 px, the same models (what fits)
 #   models_train      35  train steps at 224, 512, 896 and 1248 px, the same models (what fits)
+#   launch_options    30  the launch options chosen from compiler reports (kernels_compile.py) against
+#                         those they replaced, side by side (kernels_gpu.py --launch-options); runs
+#                         only in the time the parts above left
 #   digits             0  seqvision bench digits (issue 18's comparison; DIGITS_LIMIT=230 to run it)
 # PARTS="models_eval models_train" runs only those (e.g. on a second lease). Batches fill the card: each
 # cell the largest power of two up to FILL (256) whose memory (90 % of the card) and call time (at most
@@ -38,7 +41,7 @@
 set -u
 OUT=${OUT:-benchmarks/out/gpu}
 TOTAL_LIMIT=${TOTAL_LIMIT:-480}
-PARTS=${PARTS:-checks kernels models_targets vim_tiny models_eval models_train digits}
+PARTS=${PARTS:-checks kernels models_targets vim_tiny models_eval models_train launch_options digits}
 FILL=${FILL:-256}
 MAX_CALL_S=${MAX_CALL_S:-1.0}
 FILL_TINY=${FILL_TINY:-64}
@@ -110,6 +113,9 @@ TAIL=40 part models_eval 40 "${models[@]}" --fill-batch "$FILL" --models "$small
     --peer vit_small_patch16_224 --sizes 512,1248 --modes eval --out "$OUT/models_eval"
 TAIL=60 part models_train 35 "${models[@]}" --fill-batch "$FILL" --models "$small" \
     --peer vit_small_patch16_224 --sizes 224,512,896,1248 --modes train --out "$OUT/models_train"
+
+# Runs in what the parts above left (each stops early when done); PARTS=launch_options on a second call.
+TAIL=12 part launch_options 30 "${kernels[@]}" --launch-options --out "$OUT/kernels"
 
 digits=(python3 -m seqvision bench digits --steps "$DIGITS_STEPS" --batch-size "$DIGITS_BATCH")
 TAIL=20 part digits "${DIGITS_LIMIT:-0}" "${digits[@]}" --jobs 8 --out "$OUT/digits"

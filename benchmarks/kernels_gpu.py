@@ -5,6 +5,7 @@
     python benchmarks/kernels_gpu.py --check-only                          # correctness only
     TRITON_INTERPRET=1 python benchmarks/kernels_gpu.py --check-only       # the same, on a CPU
     TRITON_INTERPRET=1 python benchmarks/kernels_gpu.py --smoke            # the timing code, tiny shapes
+    python benchmarks/kernels_gpu.py --launch-options                      # LAUNCH_ALTERNATIVES only
 
 Correctness: every Triton kernel (cross_scan, cross_merge, linear_recurrence, linear_attention with
 each decay shape, causal and not, selective_scan with each B / C layout) runs on fresh random inputs
@@ -41,6 +42,9 @@ cross_scan / cross_merge (a copy) that is the fraction of copy bandwidth. ``vs f
 ours (above 1: ours is faster). ``--reference`` adds the PyTorch chunk form's fwd+bwd (slow at large
 L). Targets (issue 19, H200): ``TARGETS``; each row says whether it meets its own.
 
+``--launch-options`` times only the launch options chosen from compiler reports (kernels_compile.py)
+against the ones they replaced, side by side (``LAUNCH_ALTERNATIVES``; ``kernels_launch_options.csv``).
+
 Prints the tables and writes ``kernels_gpu.csv`` (rewritten after every length, so a run cut short
 keeps what it measured) and ``kernels_gpu_checks.csv`` to ``--out``. ``--smoke`` runs the timing code
 on the CPU through the interpreter on tiny shapes with a wall clock instead of do_bench: its numbers
@@ -50,6 +54,7 @@ mean nothing, it proves the code runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import math
@@ -570,6 +575,86 @@ def time_kernels(
     return rows
 
 
+# Launch options chosen from what the compiler reports (benchmarks/kernels_compile.py: no spills,
+# more resident warps), each with the one it replaced, to be timed side by side: the measurement
+# decides which stays. (module, attribute, the value it replaced, what the values mean).
+LAUNCH_ALTERNATIVES = {
+    "linear_attention": (attention, "_FLOAT32_OUTPUT_LAUNCH", {"num_warps": 8, "num_stages": 2},
+                         "float32 output and dv kernels: {num_warps} warps, num_stages={num_stages}"),
+    "selective_scan": (selective, "_FULL_TILE_WARPS", 4, "full-tile rescan and backward: {} warps"),
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _launch_option(module, attribute: str, value):
+    """Within the block, ``module.attribute`` is ``value`` (a kernel's launch option)."""
+    saved = getattr(module, attribute)
+    setattr(module, attribute, value)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, saved)
+
+
+def _describe_option(template: str, value) -> str:
+    return template.format(**value) if isinstance(value, dict) else template.format(value)
+
+
+def time_launch_options(device: torch.device, small: bool = False, rep_ms: int = 50) -> list[dict]:
+    """Each operator of LAUNCH_ALTERNATIVES timed with its current launch options and with the ones
+    they replaced, side by side, at L = 4096 and 65,536 tokens: ``linear_attention`` in float32 (the
+    models' dtype; 6 heads of 64, as ViR-S and LightNet-S) with each decay shape, ``selective_scan``
+    (D 768, N 16) in float32 and bfloat16. ``current vs replaced`` above 1: the current is faster."""
+    length, tokens = (40, 40) if small else (4096, 65536)
+    batch = max(1, tokens // length)
+    sizes = {"dim": 4, "n": 4} if small else {}
+    builders = {
+        "linear_attention": lambda: _attention_cases(
+            length, batch, device, head_dim=16 if small else 64, heads=1 if small else 6, dtype=torch.float32
+        ),
+        "selective_scan": lambda: [
+            case for dtype in (torch.float32, torch.bfloat16)
+            for case in _selective_cases(length, batch, device, dtype=dtype, **sizes)
+        ],
+    }  # fmt: skip
+    rows = []
+    for op, (module, attribute, replaced, template) in LAUNCH_ALTERNATIVES.items():
+        current = getattr(module, attribute)
+        for case in builders[op]():
+            row = {"op": op, "variant": case.variant, "L": length, "batch": batch,
+                   "current": _describe_option(template, current),
+                   "replaced": _describe_option(template, replaced)}  # fmt: skip
+            try:
+                for label, value in (("current", current), ("replaced", replaced)):
+                    with _launch_option(module, attribute, value):
+                        row[f"{label}_fwd_ms"] = _bench(_forward(case.call), rep_ms)
+                        both = _forward_backward(case.call, case.wrt, case.grad)
+                        row[f"{label}_fwd_bwd_ms"] = _bench(both, rep_ms)
+                row["fwd_speedup"] = row["replaced_fwd_ms"] / row["current_fwd_ms"]
+                row["fwd_bwd_speedup"] = row["replaced_fwd_bwd_ms"] / row["current_fwd_bwd_ms"]
+                row["status"] = "ok"
+            except Exception as e:  # one failed case must not end the run
+                row["status"] = _failure(e)
+            rows.append(row)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return rows
+
+
+def format_launch_options(rows: list[dict]) -> str:
+    header = ("kernel", "variant", "current", "replaced", "fwd ms (current / replaced)",
+              "fwd+bwd ms (current / replaced)", "current vs replaced, fwd", "fwd+bwd", "")  # fmt: skip
+    table = [
+        (r["op"], r["variant"], r["current"], r["replaced"],
+         f"{_ms(r.get('current_fwd_ms', NAN))} / {_ms(r.get('replaced_fwd_ms', NAN))}",
+         f"{_ms(r.get('current_fwd_bwd_ms', NAN))} / {_ms(r.get('replaced_fwd_bwd_ms', NAN))}",
+         _ratio(r.get("fwd_speedup", NAN)), _ratio(r.get("fwd_bwd_speedup", NAN)),
+         "" if r["status"] == "ok" else r["status"])
+        for r in rows
+    ]  # fmt: skip
+    return markdown_table(header, table)
+
+
 def _run_cases(ops, build, length, batch, device, bandwidth, reference, rep_ms) -> list[dict]:
     try:
         cases = build(length, batch, device)
@@ -683,6 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-only", action="store_true", help="correctness only (runs under the interpreter)"
     )
     parser.add_argument("--no-check", action="store_true", help="timing only")
+    parser.add_argument(
+        "--launch-options",
+        action="store_true",
+        help="only time the launch options chosen from compiler reports against those they replaced",
+    )
     parser.add_argument("--reference", action="store_true", help="also time the PyTorch chunk forms (slow)")
     parser.add_argument("--rep-ms", type=int, default=50, help="do_bench's time per measurement")
     parser.add_argument(
@@ -711,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, device {name}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
+    if args.launch_options:
+        rows = time_launch_options(device, small=args.smoke, rep_ms=args.rep_ms)
+        print(format_launch_options(rows))
+        write_csv_atomic(rows, args.out / "kernels_launch_options.csv")
+        print(f"wrote {args.out / 'kernels_launch_options.csv'}")
+        return 1 if any(r["status"] != "ok" for r in rows) else 0
     failed = 0
     if not (args.smoke or args.no_check):
         rows = check(device, args.seed)

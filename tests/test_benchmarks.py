@@ -158,9 +158,11 @@ def test_gpu_session_script_is_valid_and_uses_existing_options():
         "vim_tiny",
         "models_eval",
         "models_train",
+        "launch_options",
         "digits",
     ]
-    assert sum(int(p[1]) for p in parts[:-1]) <= 480  # the default parts fit TOTAL_LIMIT
+    # The parts up to models_train fit TOTAL_LIMIT; launch_options runs in what they leave.
+    assert sum(int(p[1]) for p in parts[: names.index("launch_options")]) <= 480
     cli, kernels_gpu = build_parser(), load_gpu_script().build_parser()
     for name, _, *command in parts:
         if command[:3] == ["python3", "-m", "seqvision"]:
@@ -172,9 +174,34 @@ def test_gpu_session_script_is_valid_and_uses_existing_options():
             args = kernels_gpu.parse_args(command[2:])
             if name == "kernels":
                 assert sorted(args.lengths) == [256, 1024, 4096, 16384, 65536] and args.head_dims == [64, 128]
+            assert args.launch_options == (name == "launch_options")
     vim = cli.parse_args(parts[names.index("vim_tiny")][5:])
     assert (vim.models, vim.peer, vim.sizes) == (["vim_tiny_patch16_224"], "deit_tiny_patch16_224", [1248])
     targets = cli.parse_args(parts[names.index("models_targets")][5:])
     assert targets.peer == "vit_small_patch16_224" and targets.sizes == [224, 896]
     assert {"vir_small_patch16_224", "lightnet_small_patch16_224", "deit_small_patch16_224",
             "vim_small_patch16_224", "vmamba_tiny_224"} == set(targets.models)  # fmt: skip
+
+
+def test_kernels_gpu_times_launch_options_against_those_they_replaced():
+    # On a GPU this decides whether the options chosen from compiler reports stay; here it proves the
+    # code runs and that each option is put back afterwards.
+    import torch
+
+    from seqvision.bench.kernels import load_gpu_script
+
+    script = load_gpu_script()
+
+    def options():
+        return {op: getattr(module, name) for op, (module, name, *_) in script.LAUNCH_ALTERNATIVES.items()}
+
+    before = options()
+    rows = script.time_launch_options(torch.device("cpu"), small=True, rep_ms=1)
+    assert [r["op"] for r in rows] == ["linear_attention"] * 3 + ["selective_scan"] * 2
+    for r in rows:
+        assert r["status"] == "ok" and r["current"] != r["replaced"]
+        assert r["fwd_speedup"] > 0 and r["fwd_bwd_speedup"] > 0
+    assert rows[0]["current"].endswith("16 warps, num_stages=1")
+    assert rows[3]["current"].endswith("8 warps") and rows[3]["replaced"].endswith("4 warps")
+    assert options() == before
+    assert "current vs replaced" in script.format_launch_options(rows)

@@ -97,3 +97,36 @@ def test_the_script_refuses_to_record_without_the_interpreter(kernels_compile, m
     with pytest.raises(SystemExit) as raised:
         kernels_compile.main(["--workloads", "checks"])
     assert raised.value.code == 2
+
+
+def _launch_options(launches: list[dict], kernel: str) -> set[tuple[int, int | None]]:
+    """(num_warps, num_stages or None where the launch leaves Triton's default) of ``kernel``'s launches."""
+    options = set()
+    for launch in launches:
+        if launch["kernel"].endswith(":" + kernel):
+            stages = launch["kwargs"].get("num_stages", {}).get("value")
+            options.add((launch["kwargs"]["num_warps"]["value"], stages))
+    return options
+
+
+def test_the_launch_options_chosen_from_compiler_reports_are_in_effect(kernels_compile):
+    # float32 linear_attention's output and dv kernels: 16 warps, 1 stage; bfloat16 and the other
+    # tile kernels: 8 warps, 2 stages. selective_scan's full tiles: 8 warps; smaller ones: 4.
+    from seqvision.kernels import selective_scan
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, output_options in ((torch.float32, {(16, 1)}), (torch.bfloat16, {(8, 2)})):
+        q, k, v = (torch.randn(1, 1, 64, 64, generator=g, dtype=dtype).requires_grad_() for _ in range(3))
+        with kernels_compile.recording_launches() as launches:
+            linear_attention(q, k, v, backend="triton").float().sum().backward()
+        assert _launch_options(launches, "_forward_output_kernel") == output_options
+        assert _launch_options(launches, "_backward_dv_kernel") == output_options
+        assert _launch_options(launches, "_backward_dqk_kernel") == {(8, 2)}
+    for dim, warps in ((32, 8), (4, 4)):  # 16 channels x 64 steps per program, then 4 x 64
+        u, delta, z = (torch.randn(1, dim, 64, generator=g).requires_grad_() for _ in range(3))
+        A = -torch.rand(dim, 4, generator=g)
+        B, C = (torch.randn(1, 4, 64, generator=g) for _ in range(2))
+        with kernels_compile.recording_launches() as launches:
+            selective_scan(u, delta, A, B, C, z=z, backend="triton").sum().backward()
+        assert _launch_options(launches, "_rescan_kernel") == {(warps, None)}
+        assert _launch_options(launches, "_backward_kernel") == {(warps, None)}
