@@ -9,11 +9,12 @@ fast exact form used by default) and takes ``backend="auto" | "torch" | "triton"
 * :mod:`scan_orders` - flatten a 2-D/3-D grid into sequences and back; ``cross_scan``/``cross_merge``.
 * :func:`compute_dtype` - the dtype the operators compute in: float64 for float64, float32 otherwise.
 * :func:`resolve_backend`, :func:`triton_interpreted`, ``BACKEND_ENV`` - which implementation
-  ``backend="auto"`` picks (``SEQVISION_BACKEND`` overrides it), for benchmarks and tests.
+  ``backend="auto"`` picks (``SEQVISION_BACKEND`` overrides it), for benchmarks and tests;
+  :func:`interpreter_problem` - why Triton's interpreter cannot run the kernels here, if it cannot.
 """
 
 from . import scan_orders
-from ._common import BACKEND_ENV, compute_dtype, resolve_backend, triton_interpreted
+from ._common import BACKEND_ENV, compute_dtype, interpreter_problem, resolve_backend, triton_interpreted
 from .linear_attention import linear_attention
 from .linear_recurrence import linear_recurrence
 from .scan_orders import cross_merge, cross_scan
@@ -24,6 +25,7 @@ __all__ = [
     "compute_dtype",
     "cross_merge",
     "cross_scan",
+    "interpreter_problem",
     "linear_attention",
     "linear_recurrence",
     "resolve_backend",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -59,7 +60,10 @@ def resolve_backend(
         if chosen and chosen not in ("torch", "triton"):
             raise ValueError(f"{BACKEND_ENV} must be 'torch' or 'triton', got {chosen!r}")
         if chosen:
-            return "triton" if chosen == "triton" and has_triton and not float64 else "torch"
+            if chosen == "triton" and has_triton and not float64:
+                _check_interpreter(present)
+                return "triton"
+            return "torch"
         on_cuda = bool(present) and all(t.is_cuda for t in present)
         return "triton" if has_triton and on_cuda and not float64 and triton_importable() else "torch"
     if backend == "triton":
@@ -81,7 +85,41 @@ def resolve_backend(
                 f"backend='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set before "
                 f"triton is imported), got tensors on {sorted(devices)}"
             )
+        _check_interpreter(present)
     return backend
+
+
+def _check_interpreter(tensors: Sequence[torch.Tensor]) -> None:
+    """Raise if the Triton kernels would run through an interpreter that cannot run them here."""
+    if any(not t.is_cuda for t in tensors) and triton_interpreted():
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = [*re.findall(r"\d+", version), "0", "0"][:2]
+    return int(major), int(minor)
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run seqvision's kernels with the installed packages, or None.
+
+    Triton up to 3.6 turns one-element arrays into Python ints (loop bounds, indices) in a way numpy
+    2.4 refuses, so its interpreter fails inside any kernel that loops over a kernel argument
+    (triton-lang/triton#9171, fixed in Triton 3.7). torch 2.11 requires Triton 3.6."""
+    import numpy
+    import triton
+
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run seqvision's "
+            f"kernels with numpy {numpy.__version__}: it converts one-element arrays to Python ints, "
+            "which numpy 2.4 refuses (triton-lang/triton#9171, fixed in Triton 3.7). Install "
+            "numpy<2.4 or triton>=3.7, or use backend='torch'"
+        )
+    return None
 
 
 def check_form(form: str, allowed: Sequence[str]) -> None:

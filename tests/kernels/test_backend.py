@@ -55,3 +55,34 @@ def test_seqvision_works_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["torch.Size([1, 2, 5, 3])", "torch.Size([1, 1000])"]
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_by_name(monkeypatch):
+    # Triton <= 3.6's interpreter turns one-element arrays into ints in a way numpy 2.4 refuses, so it
+    # fails deep inside any kernel that loops over an argument (triton-lang/triton#9171); torch 2.11
+    # pins Triton 3.6. The operators say so before launching anything.
+    import numpy
+    import triton
+
+    from seqvision.kernels import _common
+
+    def versions(triton_version: str, numpy_version: str) -> None:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        _common.interpreter_problem.cache_clear()
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        versions("3.6.0", "2.4.6")
+        message = r"Triton 3.6.0's interpreter .* numpy 2.4.6: .* Install numpy<2.4 or triton>=3.7"
+        with pytest.raises(RuntimeError, match=message):
+            resolve_backend("triton", torch.zeros(2), op="cross_scan", has_triton=True)
+        monkeypatch.setenv("SEQVISION_BACKEND", "triton")
+        with pytest.raises(RuntimeError, match="triton-lang/triton#9171"):
+            resolve_backend("auto", torch.zeros(2), op="cross_scan", has_triton=True)
+        for fine in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.10.1", "2.5.0")):
+            versions(*fine)
+            assert resolve_backend("triton", torch.zeros(2), op="cross_scan", has_triton=True) == "triton"
+    finally:
+        monkeypatch.undo()
+        _common.interpreter_problem.cache_clear()
