@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from seqvision.utils.extras import require
+from seqvision.utils.machine import cpu_name
 
 __all__ = [
     "CLEAR_REFS",
@@ -52,18 +53,6 @@ SLOW_CALL_S = 5.0
 # libraries: seqvision itself is imported by each child, after it took the parent's sys.path, so a
 # benchmark measures the seqvision its parent sees (a checkout, not another installed copy).
 FRESH_PROCESS_PRELOAD = ("torch", "timm")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def peak_memory_supported() -> bool:

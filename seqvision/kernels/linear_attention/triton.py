@@ -289,6 +289,19 @@ if _triton is not None:
         return b
 
     @_triton.jit
+    def _chunk_tile(DV, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+        """This program's tile on the grid (chunks, key blocks x value blocks, B * H): its chunk, value
+        block and (batch, head) row, the chunk's positions (CHUNK,), its key columns (BLOCK_K,) and
+        value columns (BLOCK_V,)."""
+        chunk = tl.program_id(0)
+        v_blocks = tl.cdiv(DV, BLOCK_V)
+        k_block, v_block = tl.program_id(1) // v_blocks, tl.program_id(1) % v_blocks
+        pos = chunk * CHUNK + tl.arange(0, CHUNK)
+        k_cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
+        v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        return chunk, v_block, tl.program_id(2), pos, k_cols, v_cols
+
+    @_triton.jit
     def _load_tile(ptr, bh, pos, cols, L, D, scale):
         """Rows ``pos`` and columns ``cols`` of a contiguous (B * H, L, D) tensor, float32, 0 outside."""
         offset = (bh.to(tl.int64) * L + pos[:, None]) * D + cols[None, :]
@@ -347,13 +360,7 @@ if _triton is not None:
     ):  # fmt: skip
         # dS = sum_s (k_s exp(b_last - b_s))^T v_s over this chunk, into its slot of the states. The
         # factors k_s exp(b_last - b_s) are at most |k_s|, so the product takes the inputs' precision.
-        chunk = tl.program_id(0)
-        v_blocks = tl.cdiv(DV, BLOCK_V)
-        k_block, v_block = tl.program_id(1) // v_blocks, tl.program_id(1) % v_blocks
-        bh = tl.program_id(2)
-        pos = chunk * CHUNK + tl.arange(0, CHUNK)
-        k_cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-        v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        chunk, v_block, bh, pos, k_cols, v_cols = _chunk_tile(DV, CHUNK, BLOCK_K, BLOCK_V)
         k = _load_tile(k_ptr, bh, pos, k_cols, L, DK, 1.0)
         if DECAY != 0:
             # One program per key block stores the log-gates (per-key decay; one in all for scalar ones).
@@ -378,13 +385,7 @@ if _triton is not None:
     ):  # fmt: skip
         # dG = sum_t (q_t exp(b_t))^T do_t over this chunk, into its slot: what the chunk's outputs add
         # to the gradient of the state entering it. exp(b_t) <= 1, so the inputs' precision again.
-        chunk = tl.program_id(0)
-        v_blocks = tl.cdiv(DV, BLOCK_V)
-        k_block, v_block = tl.program_id(1) // v_blocks, tl.program_id(1) % v_blocks
-        bh = tl.program_id(2)
-        pos = chunk * CHUNK + tl.arange(0, CHUNK)
-        k_cols = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-        v_cols = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+        chunk, _, bh, pos, k_cols, v_cols = _chunk_tile(DV, CHUNK, BLOCK_K, BLOCK_V)
         q = _load_tile(q_ptr, bh, pos, k_cols, L, DK, scale)
         if DECAY != 0:
             q = q * tl.exp(_load_cum(cum_ptr, bh, pos, k_cols, L, DK, DECAY))

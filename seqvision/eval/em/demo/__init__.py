@@ -66,6 +66,7 @@ from seqvision.eval.em.finetune import load_config as load_finetune_config
 from seqvision.eval.em.metrics import SegmentationScores
 from seqvision.pretrain.train import load_config as load_pretrain_config
 from seqvision.utils.checks import check_int
+from seqvision.utils.machine import cpu_name
 
 __all__ = [
     "DEFAULT",
@@ -130,21 +131,10 @@ def default_jobs(settings: DemoSettings) -> int:
     return max(1, min(cores // settings.threads, settings.n_runs))
 
 
-def _cpu_name() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine(settings: DemoSettings, jobs: int) -> dict[str, Any]:
     """Where the timings were taken."""
     return {
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
         "jobs": jobs,
         "torch_threads_per_job": settings.threads,
